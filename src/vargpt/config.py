@@ -115,7 +115,7 @@ class SpecialTokens:
     image_gen_pad: int
 
     @classmethod
-    def from_base(cls, base: int) -> "SpecialTokens":
+    def from_base(cls, base: int) -> SpecialTokens:
         return cls(endoftext=base, im_start=base + 1, im_end=base + 2, vision_start=base + 9,
                    vision_end=base + 10, vision_pad=base + 11, image_pad=base + 12, video_pad=base + 13,
                    image_gen_start=base + 14, image_gen_end=base + 15, image_gen_pad=base + 16)
@@ -250,7 +250,7 @@ class VARGPTConfig:
         return {"format": "vargpt", "format_version": 1, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> "VARGPTConfig":
+    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> VARGPTConfig:
         d = dict(d)
         if d.pop("format", "vargpt") != "vargpt":
             raise ConfigError(f"{source}: field 'format' must be 'vargpt'")
@@ -268,7 +268,8 @@ class VARGPTConfig:
                 sub_known = {f.name for f in dataclasses.fields(sub)}
                 bad = set(v) - sub_known
                 if bad:
-                    raise ConfigError(f"{source}: unknown field(s) {sorted(bad)} in '{k}'; expected {sorted(sub_known)}")
+                    raise ConfigError(
+                        f"{source}: unknown field(s) {sorted(bad)} in '{k}'; expected {sorted(sub_known)}")
                 kwargs[k] = sub(**v)
             else:
                 kwargs[k] = v
@@ -278,7 +279,7 @@ class VARGPTConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "VARGPTConfig":
+    def load(cls, path: str | Path) -> VARGPTConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -33,12 +32,6 @@ def fixture_dirs() -> list[Path]:
     if not dirs:
         raise FileNotFoundError(f"no tiny_* fixture directories under {root}")
     return dirs
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "fixture_dir" in metafunc.fixturenames:
-        dirs = fixture_dirs()
-        metafunc.parametrize("fixture_dir", dirs, ids=[d.name for d in dirs], scope="module")
 
 
 def load_case(fixture_dir: Path, name: str) -> dict[str, torch.Tensor]:

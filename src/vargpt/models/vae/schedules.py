@@ -24,7 +24,7 @@ Worked example: ``get_schedule(1.25, "0.25M")`` -> ((1,1), (2,2), (3,3), (5,4), 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 
 from vargpt.config import ConfigError
 
@@ -105,7 +105,7 @@ def template_steps(h_div_w: float) -> tuple[tuple[int, int], ...]:
     return ASPECT_TEMPLATES[nearest_template(h_div_w)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_schedule(h_div_w: float, name: str) -> Schedule:
     """The schedule ``name`` (see ``parse_schedule_name``) of the template nearest to ``h_div_w``."""
     return template_steps(h_div_w)[: parse_schedule_name(name)]

@@ -1,0 +1,1 @@
+"""Text and image processing: tokenizers, chat prompts, image transforms."""

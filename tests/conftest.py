@@ -1,0 +1,20 @@
+"""Test-wide settings: offline hub, deterministic torch."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.use_deterministic_algorithms(True)
+
+
+def pytest_generate_tests(metafunc):
+    """Any test taking ``fixture_dir`` runs once per parity fixture directory, named by it."""
+    if "fixture_dir" in metafunc.fixturenames:
+        from tests.parity.conftest import fixture_dirs
+
+        dirs = fixture_dirs()
+        metafunc.parametrize("fixture_dir", dirs, ids=[d.name for d in dirs], scope="module")

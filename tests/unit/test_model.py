@@ -1,0 +1,170 @@
+"""The unified model: purity, save/load round trips, official-quirk switches (both ways), invariances."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import math
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vargpt.checkpoint import load_checkpoint, save_checkpoint
+from vargpt.config import get_preset
+from vargpt.models.vargpt import IGNORE_INDEX, VARGPT, scale_loss_weights
+
+from .helpers import gen_sample, pad_batch, random_images, tiny_model
+
+
+def test_constructor_is_pure(monkeypatch):
+    def no_io(*a, **k):
+        raise AssertionError("model constructor opened a file")
+
+    def no_seed(*a, **k):
+        raise AssertionError("model constructor seeded an RNG")
+
+    cfg = get_preset("tiny")
+    monkeypatch.setattr(builtins, "open", no_io)
+    monkeypatch.setattr(torch, "manual_seed", no_seed)
+    monkeypatch.setattr(torch.random, "manual_seed", no_seed)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        VARGPT(cfg)
+    assert buf.getvalue() == ""
+
+
+def test_library_imports_no_training_serving_or_cli():
+    code = ("import sys, vargpt, vargpt.models, vargpt.models.vargpt, vargpt.checkpoint, vargpt.models.official;"
+            "bad=[m for m in sys.modules if m.split('.')[:2] in (['vargpt','train'],['vargpt','serve'],"
+            "['vargpt','cli'],['vargpt','eval'])]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _gen_batch(model, prompts=((5, 6, 7), (8, 9, 10, 11, 12)), tails=((20, 21), (22,)), side="right"):
+    cfg = model.config
+    rows = [gen_sample(cfg, list(p), list(t)) for p, t in zip(prompts, tails, strict=True)]
+    ids, mask = pad_batch(rows, cfg.special_tokens.endoftext, side)
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels,
+                gen_pixel_values=random_images(len(rows)))
+
+
+def test_save_load_round_trip_exact(tmp_path):
+    model = tiny_model()
+    save_checkpoint(model, tmp_path)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.config == model.config
+    sd0, sd1 = model.state_dict(), loaded.state_dict()
+    assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    b = _gen_batch(model)
+    with torch.no_grad():
+        o0, o1 = model(**b), loaded(**b)
+    assert torch.equal(o0.gen_logits_NLV, o1.gen_logits_NLV) and torch.equal(o0.loss, o1.loss)
+
+
+def test_text_loss_targets_both_ways():
+    model = tiny_model()
+    b = _gen_batch(model)
+    gen_pad = model.config.special_tokens.image_gen_pad
+    with torch.no_grad():
+        out = model(**b)
+    logits = out.text_logits_BTV[:, :-1]
+
+    def ce(targets):
+        t = targets[:, 1:].masked_fill(b["input_ids"][:, 1:] == gen_pad, IGNORE_INDEX)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    torch.testing.assert_close(out.text_loss, ce(b["labels"]))  # default: dataset labels
+    official = replace(model.config, text_loss_targets="input_ids")
+    model.config = official
+    with torch.no_grad():
+        out2 = model(**b)
+    torch.testing.assert_close(out2.text_loss, ce(b["input_ids"]))  # official: every id but gen slots (pads too)
+    assert not torch.allclose(out.text_loss, out2.text_loss)
+    torch.testing.assert_close(out2.loss, out2.text_loss + 3.0 * out2.bit_loss)
+
+
+def test_gen_pad_multiple_changes_only_text_after_the_image():
+    m1 = tiny_model()
+    m128 = tiny_model(gen_pad_multiple=128)
+    b1, b128 = _gen_batch(m1), _gen_batch(m128)
+    assert b128["input_ids"].shape[1] - b1["input_ids"].shape[1] == 128 - 21
+    with torch.no_grad():
+        o1, o128 = m1(**b1), m128(**b128)
+    torch.testing.assert_close(o1.gen_logits_NLV, o128.gen_logits_NLV, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o1.bit_loss, o128.bit_loss)
+    with pytest.raises(ValueError, match="image_gen_pad"):
+        m128(**b1)
+
+
+def test_train_positions_both_ways():
+    model = tiny_model()
+    b = _gen_batch(model)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    pos_m = model.position_ids(ids, mask, None)
+    assert torch.equal(pos_m[0], pos_m[1]) and torch.equal(pos_m[0, 1, :5], torch.arange(5))
+    assert int(pos_m[0, 1].max()) == int(mask[1].sum()) - 1  # text-only rows: 0..n-1 over real tokens
+    pos_1d = model.position_ids(ids, mask, None, mode="1d")
+    assert torch.equal(pos_1d[0, 1], torch.arange(ids.shape[1]))
+    with torch.no_grad():
+        implicit = model(**b)
+        explicit = model(**b, position_ids=pos_m)
+        model.config = replace(model.config, train_positions="1d")
+        implicit_1d = model(**b)
+        explicit_1d = model(**b, position_ids=pos_1d)
+    assert torch.equal(implicit.text_logits_BTV, explicit.text_logits_BTV)
+    assert torch.equal(implicit_1d.text_logits_BTV, explicit_1d.text_logits_BTV)
+    # right padding: real-token positions agree, so real-token outputs agree
+    real = mask.bool()
+    torch.testing.assert_close(implicit.text_logits_BTV[real], implicit_1d.text_logits_BTV[real])
+
+
+def test_bit_loss_weighting_both_ways():
+    model = tiny_model()
+    b = _gen_batch(model)
+    with torch.no_grad():
+        out = model(**b)
+    N, L, d = out.gen_labels_NLd.shape
+    ce = F.cross_entropy(out.gen_logits_NLV.view(-1, 2), out.gen_labels_NLd.reshape(-1), reduction="none").view(N, L, d)
+    torch.testing.assert_close(out.bit_loss, ce.mean())
+    w = scale_loss_weights(out.schedule)
+    # (1,1),(2,2),(4,4): sqrt(16/1)=4, sqrt(16/4)=2, 1 -> per-token weights 4, 2x4, 1x16 normalised by 4+8+16
+    assert torch.allclose(w[:1], torch.tensor([4 / 28])) and torch.allclose(w[1:5], torch.full((4,), 2 / 28))
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
+    model.config = replace(model.config, bit_loss_weighting="scale")
+    with torch.no_grad():
+        out2 = model(**b)
+    torch.testing.assert_close(out2.bit_loss, (ce.mean(-1) * w).sum(-1).mean())
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_equals_one_by_one(side):
+    model = tiny_model()
+    b = _gen_batch(model, side=side)
+    with torch.no_grad():
+        both = model(**b)
+        for i in range(2):
+            real = b["attention_mask"][i].bool()
+            single = dict(input_ids=b["input_ids"][i:i + 1, real], attention_mask=b["attention_mask"][i:i + 1, real],
+                          labels=b["labels"][i:i + 1, real], gen_pixel_values=b["gen_pixel_values"][i:i + 1])
+            one = model(**single)
+            torch.testing.assert_close(both.gen_logits_NLV[i], one.gen_logits_NLV[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(both.text_logits_BTV[i, real], one.text_logits_BTV[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(both.gen_labels_NLd[i], one.gen_labels_NLd[0])
+
+
+def test_generation_slot_errors_are_clear():
+    model = tiny_model()
+    b = _gen_batch(model)
+    b["input_ids"] = b["input_ids"].clone()
+    b["input_ids"][0, 5] = 7  # one <|image_gen_pad|> slot missing
+    with pytest.raises(ValueError, match="image_gen"):
+        model(**b)
+    with pytest.raises(ValueError, match="matches no schedule"):
+        model(**dict(_gen_batch(model), gen_pixel_values=random_images(2, size=80)))

@@ -1,0 +1,141 @@
+"""The official-layout adapter: all 1706 official keys of the full-size model, round trips, dead parameters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vargpt.checkpoint import load_official, read_state_dict, save_official
+from vargpt.config import get_preset
+from vargpt.models.official import OfficialLayout, official_to_ours, ours_to_official, read_official_config
+from vargpt.models.vargpt import VARGPT
+
+from ..parity.conftest import DEFAULT_ROOT, fixture_dirs
+
+FULL_KEYS = DEFAULT_ROOT / "official_keys_full.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64}
+
+
+@pytest.fixture(scope="module")
+def full_entries():
+    d = json.loads(FULL_KEYS.read_text())
+    assert d["num_entries"] == len(d["entries"]) == 1706
+    return {e["name"]: e for e in d["entries"]}
+
+
+@pytest.fixture(scope="module")
+def full_model_state():
+    cfg = get_preset("vargpt-v1.1")
+    with torch.device("meta"):
+        model = VARGPT(cfg)
+    return cfg, model.state_dict()
+
+
+FULL_LAYOUT = OfficialLayout(block_chunks=8, sos_rows=151658)
+
+
+def test_full_size_export_covers_every_official_key(full_entries, full_model_state):
+    cfg, ours = full_model_state
+    official = ours_to_official(ours, cfg, FULL_LAYOUT)
+    assert set(official) == set(full_entries), (
+        f"missing: {sorted(set(full_entries) - set(official))[:10]}, "
+        f"extra: {sorted(set(official) - set(full_entries))[:10]}")
+    for name, e in full_entries.items():
+        assert list(official[name].shape) == e["shape"], name
+    assert sum(e["numel"] for e in full_entries.values() if e["kind"] == "parameter") == 10_948_395_235
+
+
+def test_full_size_import_maps_every_official_key(full_entries, full_model_state):
+    cfg, ours = full_model_state
+    fake = {n: torch.empty(e["shape"], dtype=_DTYPES[e["dtype_in_bf16_checkpoint"]], device="meta")
+            for n, e in full_entries.items()}
+    mapped, dropped = official_to_ours(fake, cfg, FULL_LAYOUT)
+    assert set(mapped) == set(ours)
+    for k, t in mapped.items():
+        assert t.shape == ours[k].shape, k
+    # every official key is either mapped or named as dropped (wholly or partly: sos rows, the pool's K half)
+    dropped_names = {d.split(" ")[0] for d in dropped}
+    assert dropped_names == _expected_dead(full_entries)
+    assert len(dropped_names) == 77  # 4 ln_q + 4 text_proj_for_ca + mat_q + 65 zero_k_bias + mask + sos + mat_kv
+
+
+def _expected_dead(names) -> set[str]:
+    pats = ("image_gen_projector.ln_q.", "image_gen_projector_out.ln_q.", "text_proj_for_ca.",
+            "text_proj_for_sos.ca.mat_q", "zero_k_bias", "quantizer.lfq.mask")
+    return {n for n in names if any(p in n for p in pats)} | {
+        "sos_embedding.weight", "vargpt_gen.text_proj_for_sos.ca.mat_kv.weight"}
+
+
+def test_released_config_uses_official_sizes(tmp_path):
+    # a released checkpoint's config.json is a flat Qwen2-VL config without fixture fields
+    fx = fixture_dirs()[0]
+    raw = json.loads((fx / "config.json").read_text())["qwen2vl_config"]
+    raw = {k: v for k, v in raw.items() if k != "fixture_overrides"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg, layout = read_official_config(tmp_path)
+    assert (cfg.decoder.width, cfg.decoder.depth, cfg.decoder.num_heads, cfg.decoder.ffn_hidden) == (2048, 32, 16, 8192)
+    assert (cfg.vae.codebook_dim, cfg.vae.base_channels, cfg.vae.num_res_blocks) == (32, 128, 2)
+    assert layout.block_chunks == 8 and cfg.gen_schedule == "0.25M"
+
+
+def test_round_trip_is_bit_identical(fixture_dir, tmp_path):
+    model, layout = load_official(fixture_dir)
+    save_official(model, layout, tmp_path)
+    original = read_state_dict(fixture_dir)
+    exported = read_state_dict(tmp_path)
+    assert set(exported) == set(original), "official key set not complete after export"
+    cfg, _ = read_official_config(fixture_dir)
+    live, dropped = official_to_ours(original, cfg, layout)
+    for k in original:
+        assert exported[k].shape == original[k].shape and exported[k].dtype == original[k].dtype, k
+    # every live parameter is bit-identical after import -> export -> import
+    live2, _ = official_to_ours(exported, cfg, layout)
+    assert set(live2) == set(live)
+    for k in live:
+        assert torch.equal(live[k], live2[k]), k
+    # and the live official tensors themselves come back unchanged
+    dead = {d.split(" ")[0] for d in dropped}
+    for k in set(original) - dead:
+        assert torch.equal(exported[k], original[k]), k
+    assert torch.equal(exported["vae_local.quantizer.lfq.mask"], original["vae_local.quantizer.lfq.mask"])
+
+
+def test_dead_parameters_are_dead(fixture_dir):
+    """Every dropped official tensor is dead: replace each by random values, load, and still reproduce the
+    official outputs, which were recorded with the original (non-trivial, randomly drawn) values."""
+    from vargpt.checkpoint import build_empty, load_into
+    from vargpt.models.official import with_official_training_quirks
+
+    from ..parity.conftest import assert_close_ref, load_case
+
+    cfg, layout = read_official_config(fixture_dir)
+    cfg = with_official_training_quirks(cfg)
+    sd = read_state_dict(fixture_dir)
+    _, dropped = official_to_ours(sd, cfg, layout)
+    dead = {d.split(" ")[0] for d in dropped}
+    assert dead == _expected_dead(sd)
+    g = torch.Generator().manual_seed(7)
+    start, C = cfg.special_tokens.image_gen_start, cfg.decoder.width
+    garbage = dict(sd)
+    for k in dead:
+        t = sd[k]
+        if not t.is_floating_point() or k.endswith("zero_k_bias"):
+            continue  # constant buffers: the mask is recomputed from d, zero_k_bias is zero by definition
+        # the recorded values were non-trivial, so matching without them is informative
+        assert t.float().std() > 0, k
+        noise = torch.randn(t.shape, generator=g) * 3
+        if k == "sos_embedding.weight":
+            noise[start] = t[start]  # the one live row
+        if k.endswith("text_proj_for_sos.ca.mat_kv.weight"):
+            noise[C:] = t[C:]  # the live V half
+        garbage[k] = noise.to(t.dtype)
+    ours, _ = official_to_ours(garbage, cfg, layout)
+    model = load_into(build_empty(cfg), ours)
+    c = load_case(fixture_dir, "gen_train")
+    with torch.no_grad():
+        out = model(input_ids=c["input.input_ids"], attention_mask=c["input.attention_mask"],
+                    labels=c["input.labels"], gen_pixel_values=c["input.pixel_gen_values"])
+    assert_close_ref(out.text_logits_BTV, c["output.text_logits"], "text logits")
+    assert_close_ref(out.gen_logits_NLV, c["output.gen_logits"], "gen logits")
