@@ -2,52 +2,34 @@
 
 Cases: ``vae`` (encode, multi-scale bits, decode of z and of bits) and the VAE part of ``gen_train`` /
 ``gen_train_bsc`` (teacher-forcing labels and decoder inputs, without and with recorded bit flips).
-Bits are compared exactly, floats with the fixture tolerance. The official checkpoint is mapped with a local
-helper for now (to be replaced by the project's state-dict adapter).
+Bits are compared exactly, floats with the fixture tolerance. The official checkpoint is loaded only through the
+production adapter (``vargpt.checkpoint.load_official``); the VAE is ``model.vae``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from vargpt.config import VAEConfig
-from vargpt.models.vae import BSQVAE, NoFlips, RecordedFlips, bsc_teacher_forcing, decode_bits, multiscale_encode
+from vargpt.checkpoint import load_official
+from vargpt.models.vae import NoFlips, RecordedFlips, bsc_teacher_forcing, decode_bits, multiscale_encode
+from vargpt.models.vargpt import VARGPT
 
 from .conftest import assert_close_ref, load_case
 
-_WRAPPER = re.compile(r"\.(conv|norm)\.(weight|bias)$")
-_DROPPED = {"vae_local.quantizer.lfq.mask"}  # the quantiser has no state of ours (mask = 2^(d-1..0), derived)
 
-
-def official_to_vae(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official ``vae_local.*`` -> ``BSQVAE`` keys: drop the prefix and the Conv/Normalize wrapper segment."""
-    return {_WRAPPER.sub(r".\2", k[len("vae_local."):]): v for k, v in sd.items()
-            if k.startswith("vae_local.") and k not in _DROPPED}
-
-
-def _fixture_config(fixture_dir: Path) -> dict:
-    return json.loads((fixture_dir / "config.json").read_text())
-
-
-def _schedule(cfg_json: dict) -> list[tuple[int, int]]:
+def _schedule(fixture_dir: Path) -> list[tuple[int, int]]:
+    gen = json.loads((fixture_dir / "config.json").read_text())["generation"]
     # entries are (t, h, w) with t = 1 for images
-    return [(h, w) for _, h, w in cfg_json["generation"]["scale_schedule_used_for_images"]]
+    return [(h, w) for _, h, w in gen["scale_schedule_used_for_images"]]
 
 
 @pytest.fixture(scope="module")
-def vae(fixture_dir: Path) -> BSQVAE:
-    c = _fixture_config(fixture_dir)["vae"]
-    cfg = VAEConfig(codebook_dim=c["codebook_dim"], base_channels=c["base_ch"], num_res_blocks=c["num_res_blocks"],
-                    encoder_ch_mult=c["encoder_ch_mult"], decoder_ch_mult=c["decoder_ch_mult"])
-    model = BSQVAE(cfg)
-    model.load_state_dict(official_to_vae(load_file(str(fixture_dir / "model.safetensors"))), strict=True)
-    return model.eval()
+def model(fixture_dir: Path) -> VARGPT:
+    return load_official(fixture_dir)[0].eval()
 
 
 @pytest.fixture(autouse=True)
@@ -59,9 +41,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_vae_case(fixture_dir: Path, vae: BSQVAE) -> None:
+def test_vae_case(fixture_dir: Path, model: VARGPT) -> None:
+    vae = model.vae
     case = load_case(fixture_dir, "vae")
-    schedule = _schedule(_fixture_config(fixture_dir))
+    schedule = _schedule(fixture_dir)
 
     f_BdHW = vae.encode(case["input.image"])
     assert f_BdHW.dtype == torch.float32
@@ -76,17 +59,17 @@ def test_vae_case(fixture_dir: Path, vae: BSQVAE) -> None:
     assert_close_ref(vae.decode(z_BdHW), case["output.recon_from_z"], "recon_from_z")
 
     ref_bits = [case[f"output.bit_indices_scale{si}"] for si in range(len(schedule))]
-    B, d = f_BdHW.shape[:2]
+    B, d = f_BdHW.shape[0], model.config.vae.codebook_dim
     summed_BdHW = decode_bits([b.reshape(B, -1, d) for b in ref_bits], schedule)
     assert_close_ref(summed_BdHW, case["output.summed_codes_from_bits"].squeeze(2), "summed_codes_from_bits")
     assert_close_ref(vae.decode(summed_BdHW), case["output.recon_from_bits"], "recon_from_bits")
 
 
 @pytest.mark.parametrize("case_name", ["gen_train", "gen_train_bsc"])
-def test_teacher_forcing_case(fixture_dir: Path, vae: BSQVAE, case_name: str) -> None:
+def test_teacher_forcing_case(fixture_dir: Path, model: VARGPT, case_name: str) -> None:
     case = load_case(fixture_dir, case_name)
-    schedule = _schedule(_fixture_config(fixture_dir))
-    f_BdHW = vae.encode(case["input.pixel_gen_values"])
+    schedule = _schedule(fixture_dir)
+    f_BdHW = model.vae.encode(case["input.pixel_gen_values"])
     if case_name == "gen_train_bsc":
         recorded = [case[f"intermediate.bsc_flipped_bits_scale{si}"] for si in range(len(schedule))]
         flips = RecordedFlips(recorded)

@@ -148,6 +148,50 @@ class VARGPT(nn.Module):
         mask_NM = torch.arange(M, device=hidden_BTC.device).unsqueeze(0) < counts.unsqueeze(1)
         return self.gen_proj_out(mem_NMH), mask_NM
 
+    def llm_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        gen_rows_NPC: torch.Tensor | None = None,
+        *,
+        num_gen_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """LLM final hidden states (B, T, Ht) of a full sequence (no cache).
+
+        Understanding images fill the ``<|image_pad|>`` slots; ``gen_rows_NPC`` (decoder-width rows, N images x P
+        slots, in row-major order over the batch) go through GenProjIn into the ``<|image_gen_pad|>`` slots.
+        """
+        cfg = self.config
+        st = cfg.special_tokens
+        embeds_BTC = self.embed_tokens(input_ids)
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            feats = self.image_features(pixel_values, image_grid_thw)
+            slots = input_ids == st.image_pad
+            if int(slots.sum()) != feats.shape[0]:
+                raise ValueError(f"{int(slots.sum())} <|image_pad|> tokens but the images give {feats.shape[0]} "
+                                 "features; expand each image placeholder to t*h*w/4 tokens")
+            embeds_BTC = embeds_BTC.masked_scatter(slots.unsqueeze(-1), feats.to(embeds_BTC.dtype))
+        slots = input_ids == st.image_gen_pad
+        n_rows = 0 if gen_rows_NPC is None else gen_rows_NPC.shape[0] * gen_rows_NPC.shape[1]
+        if int(slots.sum()) != n_rows:
+            what = (f"{gen_rows_NPC.shape[0]} generated image(s) of {num_gen_tokens or gen_rows_NPC.shape[1]} tokens "
+                    f"need {gen_rows_NPC.shape[1]} each (gen_pad_multiple={cfg.gen_pad_multiple})"
+                    if gen_rows_NPC is not None else "no generation rows were given")
+            raise ValueError(f"input_ids hold {int(slots.sum())} <|image_gen_pad|> tokens but {what}")
+        if gen_rows_NPC is not None:
+            proj = self.gen_proj_in(gen_rows_NPC.to(embeds_BTC.dtype)).flatten(0, 1)
+            embeds_BTC = embeds_BTC.masked_scatter(slots.unsqueeze(-1), proj)
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        return self.language_model(
+            inputs_embeds=embeds_BTC, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
         self,
@@ -177,36 +221,13 @@ class VARGPT(nn.Module):
         """
         cfg = self.config
         st = cfg.special_tokens
-        B, T = input_ids.shape
-        embeds_BTC = self.embed_tokens(input_ids)
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values given without image_grid_thw")
-            feats = self.image_features(pixel_values, image_grid_thw)
-            slots = input_ids == st.image_pad
-            if int(slots.sum()) != feats.shape[0]:
-                raise ValueError(f"{int(slots.sum())} <|image_pad|> tokens but the images give {feats.shape[0]} "
-                                 "features; expand each image placeholder to t*h*w/4 tokens")
-            embeds_BTC = embeds_BTC.masked_scatter(slots.unsqueeze(-1), feats.to(embeds_BTC.dtype))
-
         gen = None
+        gen_rows = None
         if gen_pixel_values is not None and gen_pixel_values.shape[0] > 0:
             gen = self._gen_inputs(input_ids, gen_pixel_values, flips, cond_drop_N)
-            slots = input_ids == st.image_gen_pad
-            z_NPC = gen["z_NPC"]
-            if int(slots.sum()) != z_NPC.shape[0] * z_NPC.shape[1]:
-                raise ValueError(
-                    f"input_ids hold {int(slots.sum())} <|image_gen_pad|> tokens but {z_NPC.shape[0]} generated "
-                    f"image(s) of {gen['L']} tokens need {z_NPC.shape[1]} each (gen_pad_multiple="
-                    f"{cfg.gen_pad_multiple})")
-            proj = self.gen_proj_in(z_NPC.to(embeds_BTC.dtype)).flatten(0, 1)
-            embeds_BTC = embeds_BTC.masked_scatter(slots.unsqueeze(-1), proj)
-
-        if position_ids is None:
-            position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
-        hidden_BTC = self.language_model(
-            inputs_embeds=embeds_BTC, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+            gen_rows = gen["z_NPC"]
+        hidden_BTC = self.llm_hidden(input_ids, attention_mask, position_ids, pixel_values, image_grid_thw,
+                                     gen_rows, num_gen_tokens=gen["L"] if gen else None)
         text_logits_BTV = self.backbone.lm_head(hidden_BTC)
 
         out = VARGPTOutput(loss=None, text_loss=None, bit_loss=None, text_logits_BTV=text_logits_BTV,

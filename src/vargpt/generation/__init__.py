@@ -1,0 +1,1 @@
+"""Sampling and generation loops (free functions over explicit state; STYLE.md C7)."""
