@@ -168,3 +168,17 @@ def test_generation_slot_errors_are_clear():
         model(**b)
     with pytest.raises(ValueError, match="matches no schedule"):
         model(**dict(_gen_batch(model), gen_pixel_values=random_images(2, size=80)))
+
+
+def test_non_square_four_scale_generation_forward():
+    model = tiny_model(gen_aspect_ratio=0.5, gen_schedule="first-4")
+    g = torch.Generator().manual_seed(0)
+    b = _gen_batch(model)
+    b["gen_pixel_values"] = torch.rand(2, 3, 48, 96, generator=g) * 2 - 1  # latent 3x6 = 4th step of template 0.5
+    with torch.no_grad():
+        out = model(**b)
+        n0 = int(b["attention_mask"][0].sum())
+        one = model(input_ids=b["input_ids"][:1, :n0], gen_pixel_values=b["gen_pixel_values"][:1])
+    assert out.schedule == ((1, 1), (2, 2), (2, 4), (3, 6))
+    assert out.gen_logits_NLV.shape == (2, 1 + 4 + 8 + 18, 32)
+    torch.testing.assert_close(out.gen_logits_NLV[0], one.gen_logits_NLV[0], rtol=1e-5, atol=1e-5)
