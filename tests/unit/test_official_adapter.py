@@ -139,3 +139,40 @@ def test_dead_parameters_are_dead(fixture_dir):
                     labels=c["input.labels"], gen_pixel_values=c["input.pixel_gen_values"])
     assert_close_ref(out.text_logits_BTV, c["output.text_logits"], "text logits")
     assert_close_ref(out.gen_logits_NLV, c["output.gen_logits"], "gen logits")
+
+
+def test_sharded_official_checkpoint_loads_identically(fixture_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = read_state_dict(fixture_dir)
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, str(tmp_path / name))
+        weight_map.update({k: name for k in ks})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((fixture_dir / "config.json").read_text())
+    sharded, _ = load_official(tmp_path)
+    single, _ = load_official(fixture_dir)
+    a, b = sharded.state_dict(), single.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a shard that lost a tensor is a clear error naming the index
+    save_file({k: sd[k].contiguous() for k in shards["model-00002-of-00002.safetensors"][1:]},
+              str(tmp_path / "model-00002-of-00002.safetensors"))
+    with pytest.raises(KeyError, match="index.json"):
+        load_official(tmp_path)
+
+
+def test_bf16_checkpoint_loads_into_requested_dtype(fixture_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in read_state_dict(fixture_dir).items()}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((fixture_dir / "config.json").read_text())
+    m32, _ = load_official(tmp_path, dtype=torch.float32)
+    m16, _ = load_official(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in m32.parameters()} == {torch.float32}
+    assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+    w = "backbone.lm_head.weight"
+    assert torch.equal(m32.state_dict()[w], sd["lm_head.weight"].float())
