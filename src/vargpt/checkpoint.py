@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from vargpt.config import VARGPTConfig
 from vargpt.models.official import (
     OfficialLayout,
+    check_official_keys,
     is_official_checkpoint,
     official_to_ours,
     ours_to_official,
@@ -57,7 +58,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         sd: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             shard_sd = load_file(str(path / shard))
-            sd.update({k: v for k, v in shard_sd.items() if weight_map.get(k) == shard})
+            stray = sorted(k for k in shard_sd if weight_map.get(k) != shard)
+            if stray:
+                raise KeyError(f"{path / shard}: {len(stray)} tensor(s) not listed for this shard in {index}: "
+                               f"{stray[:10]}")
+            sd.update(shard_sd)
         missing = set(weight_map) - set(sd)
         if missing:
             raise KeyError(
@@ -95,8 +100,11 @@ def load_official(path: str | Path, *, dtype: torch.dtype | None = None, device:
     cfg, layout = read_official_config(path)
     if official_training:
         cfg = with_official_training_quirks(cfg)
-    ours, _dropped = official_to_ours(read_state_dict(path), cfg, layout)
-    return load_into(build_empty(cfg), ours, dtype=dtype, device=device), layout
+    sd = read_state_dict(path)
+    model = build_empty(cfg)
+    check_official_keys(sd, ours_to_official(model.state_dict(), cfg, layout), str(path))
+    ours, _dropped = official_to_ours(sd, cfg, layout)
+    return load_into(model, ours, dtype=dtype, device=device), layout
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -188,9 +188,9 @@ class DecoderConfig:
         _require(self.width % self.num_heads == 0, "DecoderConfig.width",
                  f"{self.width} must be divisible by num_heads={self.num_heads}")
         _require(self.head_dim % 4 == 0, "DecoderConfig.num_heads", "head dim must be a multiple of 4 (RoPE-2D)")
-        _require(self.memory_dim % self.pool_head_dim == 0 and self.memory_dim >= self.pool_head_dim,
-                 "DecoderConfig.memory_dim",
-                 f"must be a positive multiple of pool_head_dim={self.pool_head_dim}, got {self.memory_dim}")
+        # the official pool uses memory_dim // pool_head_dim heads (floor) of width // heads channels each
+        _require(self.memory_dim >= self.pool_head_dim, "DecoderConfig.memory_dim",
+                 f"must be >= pool_head_dim={self.pool_head_dim}, got {self.memory_dim}")
         _require(self.ffn_hidden > 0, "DecoderConfig.mlp_ratio", "FFN width rounds to 0")
 
 
@@ -220,6 +220,7 @@ class VARGPTConfig:
     gen_schedule: str = "0.25M"  # scale schedule for generation: "0.06M" | "0.25M" | "0.60M" | "1M" | "first-N"
     gen_aspect_ratio: float = 1.0  # h / w of training targets and the default generation aspect
     bit_loss_weight: float = 3.0  # lambda in L = CE_text + lambda * CE_bits
+    bsc_max_strength: float = 0.3  # bitwise self-correction in training: flip rate drawn from {0, .01, ..., this}
     text_loss_targets: Literal["labels", "input_ids"] = "labels"
     gen_pad_multiple: int = 1
     train_positions: Literal["mrope", "1d"] = "mrope"
@@ -229,7 +230,9 @@ class VARGPTConfig:
     def __post_init__(self) -> None:
         from vargpt.models.vae.schedules import parse_schedule_name  # local: schedules is pure data
 
-        _require(self.decoder.memory_dim > 0, "VARGPTConfig.decoder.memory_dim", "must be > 0")
+        _require(self.decoder.memory_dim == self.decoder.width, "VARGPTConfig.decoder.memory_dim",
+                 f"must equal decoder.width={self.decoder.width}: GenProjOut feeds both the decoder tokens and its "
+                 f"cross-attention memory (got {self.decoder.memory_dim})")
         parse_schedule_name(self.gen_schedule)  # raises ConfigError on a bad name
         _require(self.text_loss_targets in ("labels", "input_ids"), "VARGPTConfig.text_loss_targets",
                  f"expected 'labels' or 'input_ids', got {self.text_loss_targets!r}")
@@ -237,6 +240,10 @@ class VARGPTConfig:
                  f"expected 'mrope' or '1d', got {self.train_positions!r}")
         _require(self.bit_loss_weighting in ("mean", "scale"), "VARGPTConfig.bit_loss_weighting",
                  f"expected 'mean' or 'scale', got {self.bit_loss_weighting!r}")
+        _require(0.0 <= self.bsc_max_strength < 0.5, "VARGPTConfig.bsc_max_strength",
+                 f"expected a flip rate in [0, 0.5), got {self.bsc_max_strength}")
+        _require(self.gen_aspect_ratio > 0, "VARGPTConfig.gen_aspect_ratio",
+                 f"must be > 0, got {self.gen_aspect_ratio}")
         _require(self.gen_pad_multiple >= 1, "VARGPTConfig.gen_pad_multiple", "must be >= 1")
         _require(self.attn_implementation in ("sdpa", "eager"), "VARGPTConfig.attn_implementation",
                  f"expected 'sdpa' or 'eager', got {self.attn_implementation!r}")
@@ -254,7 +261,11 @@ class VARGPTConfig:
         d = dict(d)
         if d.pop("format", "vargpt") != "vargpt":
             raise ConfigError(f"{source}: field 'format' must be 'vargpt'")
-        d.pop("format_version", None)
+        version = d.pop("format_version", 1)
+        if version != 1:
+            raise ConfigError(f"{source}: format_version {version!r} is not supported (expected 1)")
+        _check_types(cls, {k: v for k, v in d.items() if k not in ("vision", "text", "decoder", "vae",
+                                                                    "special_tokens")}, source)
         subs = {"vision": VisionConfig, "text": TextConfig, "decoder": DecoderConfig, "vae": VAEConfig,
                 "special_tokens": SpecialTokens}
         known = {f.name for f in dataclasses.fields(cls)}
@@ -265,12 +276,18 @@ class VARGPTConfig:
         for k, v in d.items():
             if k in subs:
                 sub = subs[k]
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{source}: field '{k}' must be an object, got {type(v).__name__}")
+                _check_types(sub, v, f"{source}: '{k}'")
                 sub_known = {f.name for f in dataclasses.fields(sub)}
                 bad = set(v) - sub_known
                 if bad:
                     raise ConfigError(
                         f"{source}: unknown field(s) {sorted(bad)} in '{k}'; expected {sorted(sub_known)}")
-                kwargs[k] = sub(**v)
+                try:
+                    kwargs[k] = sub(**v)
+                except TypeError as e:
+                    raise ConfigError(f"{source}: '{k}': {e}") from e
             else:
                 kwargs[k] = v
         return cls(**kwargs)
@@ -286,6 +303,29 @@ class VARGPTConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
         return cls.from_dict(d, source=str(path))
+
+
+def _check_types(cls, values: dict[str, Any], where: str) -> None:
+    """Each value has the type of its field's default (an int is accepted for a float field)."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING and f.type in ("list[int]",):
+            defaults[f.name] = []
+        elif f.type == "int":
+            defaults[f.name] = 0
+    for k, v in values.items():
+        if k not in defaults:
+            continue
+        want = type(defaults[k])
+        ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if want is list and ok:
+            ok = all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        if not ok:
+            raise ConfigError(f"{where}: field '{k}' expected {want.__name__}, got {v!r}")
 
 
 def _tiny() -> VARGPTConfig:

@@ -72,3 +72,24 @@ def test_fifteen_templates_and_named_schedules():
         for pn in ("0.06M", "0.25M", "0.60M"):
             s = get_schedule(r, pn)
             assert full[: len(s)] == s
+
+
+def test_type_errors_name_the_field():
+    d = get_preset("tiny").to_dict()
+    for path, value, needle in ((("decoder", "width"), "128", "width"), (("gen_pad_multiple",), "128", "gen_pad"),
+                                (("special_tokens", "im_start"), 1.5, "im_start"), (("decoder",), None, "decoder")):
+        bad = json.loads(json.dumps(d))
+        tgt = bad
+        for p in path[:-1]:
+            tgt = tgt[p]
+        tgt[path[-1]] = value
+        with pytest.raises(ConfigError, match=needle):
+            VARGPTConfig.from_dict(bad)
+    bad = json.loads(json.dumps(d))
+    del bad["special_tokens"]["im_start"]
+    with pytest.raises(ConfigError, match="im_start"):
+        VARGPTConfig.from_dict(bad)
+    with pytest.raises(ConfigError, match="format_version"):
+        VARGPTConfig.from_dict({**d, "format_version": 99})
+    with pytest.raises(ConfigError, match="gen_aspect_ratio"):
+        VARGPTConfig.from_dict({**d, "gen_aspect_ratio": -1.0})

@@ -182,3 +182,66 @@ def test_non_square_four_scale_generation_forward():
     assert out.schedule == ((1, 1), (2, 2), (2, 4), (3, 6))
     assert out.gen_logits_NLV.shape == (2, 1 + 4 + 8 + 18, 32)
     torch.testing.assert_close(out.gen_logits_NLV[0], one.gen_logits_NLV[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cond_drop_replaces_the_start_vector_by_cfg_uncond_row0():
+    model = tiny_model()
+    b = _gen_batch(model)
+    with torch.no_grad():
+        dropped = model(**b, cond_drop_N=torch.tensor([True, False]))
+        model.decoder.start_embedding.copy_(model.decoder.uncond_embedding[0])
+        swapped = model(**b)
+    torch.testing.assert_close(dropped.gen_logits_NLV[0], swapped.gen_logits_NLV[0])
+    assert not torch.allclose(dropped.gen_logits_NLV[1], swapped.gen_logits_NLV[1])
+
+
+def test_training_mode_defaults_to_bitwise_self_correction():
+    model = tiny_model()
+    b = _gen_batch(model)
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        noisy = model(**b, cond_drop_N=torch.tensor([False, False]))
+    model.eval()
+    with torch.no_grad():
+        clean = model(**b)
+    assert not torch.equal(noisy.gen_labels_NLd, clean.gen_labels_NLd)  # labels follow the corrupted running sum
+    model.config = replace(model.config, bsc_max_strength=0.0)
+    model.train()
+    with torch.no_grad():
+        off = model(**b, cond_drop_N=torch.tensor([False, False]))
+    assert torch.equal(off.gen_labels_NLd, clean.gen_labels_NLd)
+
+
+def test_editing_batch_mixed_understanding_and_generation_batched_equals_single():
+    """Source image (understanding path) + generated image in one sample; M-RoPE positions around both."""
+    from PIL import Image
+
+    from vargpt.processing.chat import expand_image_pads, preprocess_images
+
+    model = tiny_model()
+    cfg = model.config
+    st = cfg.special_tokens
+    g = torch.Generator().manual_seed(0)
+    imgs = [Image.fromarray((torch.rand(56, 56 + 28 * i, 3, generator=g) * 255).to(torch.uint8).numpy())
+            for i in range(2)]
+    pv, grid = preprocess_images(cfg, imgs)
+    rows = []
+    for i in range(2):
+        ids = [5 + i, st.vision_start, st.image_pad, st.vision_end, 9, 10][: 6 - i]
+        ids = expand_image_pads(ids, grid[i:i + 1], st.image_pad, cfg.vision.spatial_merge_size)
+        rows.append(gen_sample(cfg, ids, [20]))
+    ids, mask = pad_batch(rows, st.endoftext, "left")
+    targets = random_images(2)
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
+                     gen_pixel_values=targets)
+        n0 = grid[0].prod().item()
+        for i, (a, b) in enumerate(((0, n0), (n0, pv.shape[0]))):
+            real = mask[i].bool()
+            one = model(input_ids=ids[i:i + 1, real], pixel_values=pv[a:b], image_grid_thw=grid[i:i + 1],
+                        gen_pixel_values=targets[i:i + 1])
+            torch.testing.assert_close(both.gen_logits_NLV[i], one.gen_logits_NLV[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(both.text_logits_BTV[i, real], one.text_logits_BTV[0], rtol=1e-5, atol=1e-5)
+    pos = model.position_ids(ids, mask, grid)
+    assert not torch.equal(pos[1], pos[2])  # image tokens carry 2-D positions

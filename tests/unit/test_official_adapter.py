@@ -12,9 +12,9 @@ from vargpt.config import get_preset
 from vargpt.models.official import OfficialLayout, official_to_ours, ours_to_official, read_official_config
 from vargpt.models.vargpt import VARGPT
 
-from ..parity.conftest import DEFAULT_ROOT, fixture_dirs
+from ..parity.conftest import fixture_dirs, fixtures_root
 
-FULL_KEYS = DEFAULT_ROOT / "official_keys_full.json"
+FULL_KEYS = fixtures_root() / "official_keys_full.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
 
@@ -176,3 +176,22 @@ def test_bf16_checkpoint_loads_into_requested_dtype(fixture_dir, tmp_path):
     assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
     w = "backbone.lm_head.weight"
     assert torch.equal(m32.state_dict()[w], sd["lm_head.weight"].float())
+
+
+def test_corrupt_or_incomplete_official_checkpoints_are_named(fixture_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = read_state_dict(fixture_dir)
+    (tmp_path / "config.json").write_text((fixture_dir / "config.json").read_text())
+    k = next(k for k in sd if k.endswith("sa.zero_k_bias"))
+    save_file({**sd, k: sd[k] + 1}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="zero_k_bias"):
+        load_official(tmp_path)
+    save_file({**sd, "vae_local.quantizer.lfq.mask": sd["vae_local.quantizer.lfq.mask"][1:]},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="powers of two"):
+        load_official(tmp_path)
+    dead = next(k for k in sd if "text_proj_for_ca" in k)
+    save_file({k: v for k, v in sd.items() if k != dead}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match="text_proj_for_ca"):
+        load_official(tmp_path)

@@ -64,6 +64,7 @@ __all__ = [
     "official_to_ours",
     "ours_to_official",
     "with_official_training_quirks",
+    "check_official_keys",
     "OFFICIAL_DECODER",
     "OFFICIAL_VAE",
 ]
@@ -97,7 +98,10 @@ def is_official_checkpoint(path: str | Path) -> bool:
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         return False
-    d = json.loads(cfg_path.read_text())
+    try:
+        d = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from e
     return "qwen2vl_config" in d or d.get("model_type") == "vargpt_qwen2_vl"
 
 
@@ -157,23 +161,25 @@ def read_official_config(path: str | Path) -> tuple[VARGPTConfig, OfficialLayout
         vk = fx["tiny_vae_kwargs"]
         width = int(mk["embed_dim"])
         decoder = DecoderConfig(width=width, depth=int(mk["depth"]), num_heads=int(mk["num_heads"]),
-                                mlp_ratio=float(mk["mlp_ratio"]), memory_dim=int(fx.get("text_channels", width)),
+                                mlp_ratio=float(mk["mlp_ratio"]), memory_dim=int(fx["text_channels"]),
                                 drop_path_rate=float(mk.get("drop_path_rate", 0.1)))
-        block_chunks = int(mk.get("block_chunks", 1))
+        block_chunks = int(mk["block_chunks"])
         vae = VAEConfig(codebook_dim=int(fx["vae_type"]), base_channels=int(vk["base_ch"]),
                         encoder_ch_mult=list(vk["encoder_ch_mult"]), decoder_ch_mult=list(vk["decoder_ch_mult"]),
                         num_res_blocks=int(vk["num_res_blocks"]))
         pn = str(fx.get("pn", "0.25M"))
+        aspect = float(fx.get("h_div_w_template", 1.0))
     else:
         od = dict(OFFICIAL_DECODER)
         block_chunks = od.pop("block_chunks")
         decoder = DecoderConfig(**od)
         vae = VAEConfig(**copy.deepcopy(OFFICIAL_VAE))
         pn = "0.25M"
+        aspect = 1.0
     m = re.fullmatch(r"tiny(\d+)", pn)
     gen_schedule = f"first-{m.group(1)}" if m else pn
     cfg = VARGPTConfig(vision=vision, text=text, decoder=decoder, vae=vae, special_tokens=specials,
-                       gen_schedule=gen_schedule)
+                       gen_schedule=gen_schedule, gen_aspect_ratio=aspect)
     layout = OfficialLayout(block_chunks=block_chunks, sos_rows=specials.image_gen_start + 1, hf_config=raw)
     return cfg, layout
 
@@ -206,6 +212,15 @@ def official_to_ours(
     per_chunk = cfg.decoder.depth // layout.block_chunks
     start = cfg.special_tokens.image_gen_start
     for k, t in sd.items():
+        if t.device.type == "meta":  # shape-only (key-map checks): no values to verify
+            pass
+        elif k.endswith("zero_k_bias") and bool(t.any()):
+            raise ValueError(f"official key {k}: expected a zero buffer (the K bias is fixed at 0), got non-zeros")
+        elif k == "vae_local.quantizer.lfq.mask":
+            d = cfg.vae.codebook_dim
+            if not torch.equal(t.to(torch.int64).cpu(), 2 ** torch.arange(d - 1, -1, -1, dtype=torch.int64)):
+                raise ValueError(f"official key {k}: expected the {d} powers of two 2^{d - 1}..2^0 "
+                                 f"(codebook_dim={d}), got shape {tuple(t.shape)}")
         if _is_dead(k):
             dropped.append(k)
         elif k.startswith("visual."):
@@ -251,6 +266,14 @@ def official_to_ours(
     if unknown:
         raise KeyError(f"official checkpoint has {len(unknown)} unrecognised key(s): {unknown[:20]}")
     return out, dropped
+
+
+def check_official_keys(sd_keys, expected_keys, source: str) -> None:
+    """Raise naming the official keys a checkpoint lacks or has in excess of the expected official key set."""
+    missing, extra = sorted(set(expected_keys) - set(sd_keys)), sorted(set(sd_keys) - set(expected_keys))
+    if missing or extra:
+        raise KeyError(f"{source}: official key set mismatch; missing {len(missing)}: {missing[:10]}; "
+                       f"unexpected {len(extra)}: {extra[:10]}")
 
 
 def ours_to_official(

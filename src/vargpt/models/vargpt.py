@@ -28,7 +28,7 @@ from torch import nn
 from vargpt.config import VARGPTConfig
 from vargpt.models.backbone import build_backbone, mrope_position_ids
 from vargpt.models.decoder import VisualDecoder
-from vargpt.models.vae import BSQVAE, NoFlips, bsc_teacher_forcing
+from vargpt.models.vae import BSQVAE, NoFlips, RandomBitFlips, bsc_teacher_forcing
 from vargpt.models.vae.schedules import Schedule, nearest_template, template_steps
 
 __all__ = ["GenProjector", "VARGPT", "VARGPTOutput", "schedule_for_latent", "IGNORE_INDEX"]
@@ -216,7 +216,8 @@ class VARGPT(nn.Module):
             pixel_values, image_grid_thw: understanding images in Qwen2-VL patch format, in order of appearance.
             gen_pixel_values: (N, 3, H, W) generation targets in [-1, 1], in order of appearance (row-major over
                 the batch); H/16 x W/16 must be the last scale of a schedule of the nearest aspect template.
-            flips: bitwise self-correction (a ``vargpt.models.vae`` flips callable); default no flips.
+            flips: bitwise self-correction (a ``vargpt.models.vae`` flips callable); default: in training mode
+                ``RandomBitFlips(config.bsc_max_strength)`` on the global RNG, in eval mode no flips.
             cond_drop_N: (N,) bool, replace the start vector by ``cfg_uncond[0]`` (condition dropout).
         """
         cfg = self.config
@@ -261,7 +262,11 @@ class VARGPT(nn.Module):
         schedule, template = schedule_for_latent(H // ds, W // ds)
         with torch.no_grad():
             f_NdHW = self.vae.encode(gen_pixel_values)
-        labels_NLd, inputs_NLd = bsc_teacher_forcing(f_NdHW, schedule, flips if flips is not None else NoFlips())[:2]
+        if flips is None:
+            # training default: official bitwise self-correction (global RNG); evaluation: clean teacher forcing
+            flips = (RandomBitFlips(self.config.bsc_max_strength)
+                     if self.training and self.config.bsc_max_strength > 0 else NoFlips())
+        labels_NLd, inputs_NLd = bsc_teacher_forcing(f_NdHW, schedule, flips)[:2]
         dec = self.decoder
         start_NCm = dec.start_embedding.unsqueeze(0).expand(N, -1)
         if cond_drop_N is None and self.training and self.config.decoder.cond_drop_rate > 0:
