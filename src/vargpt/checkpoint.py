@@ -82,8 +82,7 @@ def load_into(model: VARGPT, sd: dict[str, torch.Tensor], *, dtype: torch.dtype 
     """Strictly load ``sd`` into ``model`` (assigning tensors), cast floats to ``dtype``, move to ``device``."""
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    result = model.load_state_dict(sd, strict=True, assign=True)
-    del result
+    model.load_state_dict(sd, strict=True, assign=True)
     model.to(device)
     if dtype is not None:
         model.to(dtype)

@@ -225,7 +225,7 @@ class VARGPT(nn.Module):
         gen = None
         gen_rows = None
         if gen_pixel_values is not None and gen_pixel_values.shape[0] > 0:
-            gen = self._gen_inputs(input_ids, gen_pixel_values, flips, cond_drop_N)
+            gen = self._gen_inputs(gen_pixel_values, flips, cond_drop_N)
             gen_rows = gen["z_NPC"]
         hidden_BTC = self.llm_hidden(input_ids, attention_mask, position_ids, pixel_values, image_grid_thw,
                                      gen_rows, num_gen_tokens=gen["L"] if gen else None)
@@ -253,7 +253,7 @@ class VARGPT(nn.Module):
         out.loss = sum(parts) if parts else None
         return out
 
-    def _gen_inputs(self, input_ids, gen_pixel_values, flips, cond_drop_N) -> dict:
+    def _gen_inputs(self, gen_pixel_values, flips, cond_drop_N) -> dict:
         """VAE encode + BSC teacher forcing + decoder input sequence Z (N, P, C), zero-padded to P slots."""
         N, _, H, W = gen_pixel_values.shape
         ds = self.config.vae.downsample
