@@ -148,22 +148,18 @@ class VARGPT(nn.Module):
         mask_NM = torch.arange(M, device=hidden_BTC.device).unsqueeze(0) < counts.unsqueeze(1)
         return self.gen_proj_out(mem_NMH), mask_NM
 
-    def llm_hidden(
+    def input_embeddings(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         gen_rows_NPC: torch.Tensor | None = None,
         *,
         num_gen_tokens: int | None = None,
     ) -> torch.Tensor:
-        """LLM final hidden states (B, T, Ht) of a full sequence (no cache).
-
-        Understanding images fill the ``<|image_pad|>`` slots; ``gen_rows_NPC`` (decoder-width rows, N images x P
-        slots, in row-major order over the batch) go through GenProjIn into the ``<|image_gen_pad|>`` slots.
-        """
+        """LLM input embeddings (B, T, Ht): token embeddings, understanding images in the ``<|image_pad|>`` slots
+        and ``gen_rows_NPC`` (decoder-width rows, N images x P slots, row-major over the batch) through GenProjIn
+        in the ``<|image_gen_pad|>`` slots."""
         cfg = self.config
         st = cfg.special_tokens
         embeds_BTC = self.embed_tokens(input_ids)
@@ -186,6 +182,22 @@ class VARGPT(nn.Module):
         if gen_rows_NPC is not None:
             proj = self.gen_proj_in(gen_rows_NPC.to(embeds_BTC.dtype)).flatten(0, 1)
             embeds_BTC = embeds_BTC.masked_scatter(slots.unsqueeze(-1), proj)
+        return embeds_BTC
+
+    def llm_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        gen_rows_NPC: torch.Tensor | None = None,
+        *,
+        num_gen_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """LLM final hidden states (B, T, Ht) of a full sequence (no cache); inputs as in ``input_embeddings``."""
+        embeds_BTC = self.input_embeddings(input_ids, pixel_values, image_grid_thw, gen_rows_NPC,
+                                           num_gen_tokens=num_gen_tokens)
         if position_ids is None:
             position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
         return self.language_model(

@@ -1,0 +1,109 @@
+"""Generation parameters: plain, validated, serialisable dataclasses (every result records the ones it used).
+
+``TextParams`` drive next-token decoding, ``ImageParams`` the next-scale image loop (SPEC.md §1.4). Defaults of
+``ImageParams`` are the official VARGPT-v1.1 inference settings (CFG 3 on logits, tau 0.5, per-bit top-p 0.97,
+aspect 1:1) except the seed, which the official code takes from the clock and we take from the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from vargpt.models.vae.schedules import ASPECT_TEMPLATES
+
+__all__ = ["TextParams", "ImageParams", "CFG_MODES", "POSITION_MODES"]
+
+#: Unconditional CFG branches. ``official``: the released construction (the LLM runs each scale's chunk with no
+#: context at all, positions from 0; the decoder cross-attends the first n rows of the learned ``uncond_embedding``
+#: table and is conditioned on its row 0) -- use it for released weights. ``null_prompt``: the same pipeline on an
+#: empty user prompt with its own KV cache (what condition dropout on the prompt trains).
+CFG_MODES = ("official", "null_prompt")
+#: Positions of image-generation tokens in the LLM. ``official``: the raw cache index (the official sampler ignores
+#: the M-RoPE delta of understanding images); ``mrope``: the continuation of the text positions (= training with
+#: M-RoPE positions). Identical when the prompt holds no understanding image.
+POSITION_MODES = ("official", "mrope")
+
+
+def _check(cond: bool, field_name: str, value, expected: str) -> None:
+    if not cond:
+        raise ValueError(f"{field_name}={value!r}: expected {expected}")
+
+
+@dataclass(kw_only=True)
+class TextParams:
+    """Next-token decoding.
+
+    Args:
+        max_new_tokens: hard limit on generated tokens (image tokens not counted).
+        temperature: 0 = greedy (argmax); > 0 = sampling.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling threshold (0 = off).
+        stop_token_ids: extra ids ending a turn (``<|im_end|>`` always does).
+        seed: seed of the per-sample generator (sample i of a batch uses ``seed + i`` unless seeds are given).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens, "an integer >= 0")
+        _check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        _check(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        _check(0 <= self.top_p <= 1, "top_p", self.top_p, "a number in [0, 1] (0 = off)")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(kw_only=True)
+class ImageParams:
+    """Next-scale image generation (per-bit sampling, classifier-free guidance on logits).
+
+    Args:
+        cfg_scale: guidance scale; logits = cfg * cond + (1 - cfg) * uncond (1 = no guidance, the unconditional
+            branch is skipped).
+        cfg_mode: one of ``CFG_MODES``; None = the engine's default (``official`` for released checkpoints).
+        temperature: tau, bit logits are divided by it (0 = argmax per bit).
+        top_k: per-bit top-k over the 2 values (0 = off; 1 = argmax).
+        top_p: per-bit nucleus threshold (0 = off); 0.97 makes a bit deterministic when its minority value has
+            probability <= 0.03.
+        aspect_ratio: requested height / width; the nearest of the 15 templates is used.
+        schedule: pixel budget name (``0.06M``, ``0.25M``, ``0.60M``, ``1M`` or ``first-N``); None = the model
+            config's ``gen_schedule``.
+        positions: one of ``POSITION_MODES``; None = the engine's default.
+        seed: seed of the per-sample generator (image i of a batch uses ``seed + i`` unless seeds are given).
+        previews: decode and report the accumulated image after every scale (streaming only costs; off by default
+            outside ``stream``).
+    """
+
+    cfg_scale: float = 3.0
+    cfg_mode: str | None = None
+    temperature: float = 0.5
+    top_k: int = 0
+    top_p: float = 0.97
+    aspect_ratio: float = 1.0
+    schedule: str | None = None
+    positions: str | None = None
+    seed: int = 0
+    previews: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, "a number >= 0")
+        _check(self.cfg_mode is None or self.cfg_mode in CFG_MODES, "cfg_mode", self.cfg_mode, f"one of {CFG_MODES}")
+        _check(self.positions is None or self.positions in POSITION_MODES, "positions", self.positions,
+               f"one of {POSITION_MODES}")
+        _check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = argmax per bit)")
+        _check(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        _check(0 <= self.top_p <= 1, "top_p", self.top_p, "a number in [0, 1] (0 = off)")
+        lo, hi = min(ASPECT_TEMPLATES), max(ASPECT_TEMPLATES)
+        _check(self.aspect_ratio > 0, "aspect_ratio", self.aspect_ratio,
+               f"a positive height/width ratio (templates span {lo}..{hi})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
