@@ -8,9 +8,9 @@ Entry state: an ``LLMSession`` of B rows whose last visible slot is ``<|image_ge
   ``official``: context-free LLM rows (see only the current chunk, positions from 0), memory = the first n_b rows
   of ``uncond_embedding``, decoder condition from ``uncond_embedding[0]``; ``null_prompt``: rows of a session
   prefilled with the empty prompt (own cache and memory), decoder condition from the start vector;
-* scale k: LLM chunk = GenProjIn(x_k) for every row (x_0 = the row's decoder condition + pos_start, x_k = word_embed(resampled
-  accumulated codes)), decoder ``forward_scale`` with its cache, logits / tau, CFG on logits, per-bit sampling
-  with row b's generator, code accumulation;
+* scale k: LLM chunk = GenProjIn(x_k) for every row (x_0 = the row's decoder condition + pos_start,
+  x_k = word_embed(resampled accumulated codes)), decoder ``forward_scale`` with its cache, logits / tau, CFG
+  on logits, per-bit sampling with row b's generator, code accumulation;
 * finally the VAE decodes the accumulated codes.
 
 ``image_steps`` is a generator of ``ScaleStep`` events (so that streaming and non-streaming share one loop) and
@@ -205,7 +205,8 @@ def image_steps(
         summed = accumulate_codes(summed, bits, (h, w))
         yield ScaleStep(k, (h, w), logits_BlD2, bits, summed)
         if k + 1 < len(schedule):
-            x_RlC = dec.embed_words(next_scale_input(summed, schedule[k + 1]).to(dec.pos_start.dtype)).repeat(R // B, 1, 1)
+            x_BlC = dec.embed_words(next_scale_input(summed, schedule[k + 1]).to(dec.pos_start.dtype))
+            x_RlC = x_BlC.repeat(R // B, 1, 1)
     image = model.vae.decode(summed.to(next(model.vae.parameters()).dtype)).float()
     cond_session = llm.select_rows(list(range(B))) if R != B else llm
     return ImageBatch(ms_bits, summed, image, schedule, template, cond_session, lengths)

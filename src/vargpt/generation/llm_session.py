@@ -119,7 +119,8 @@ class LLMSession:
         return self._rebuilt(
             kv, torch.cat([self.visible_BT, self.visible_BT.new_zeros(n, self.length)]),
             torch.cat([self.next_pos_B, self.next_pos_B.new_zeros(n)]),
-            torch.cat([self.num_tokens_B, self.num_tokens_B.new_zeros(n)]), torch.cat([h, h.new_zeros(n, *h.shape[1:])]))
+            torch.cat([self.num_tokens_B, self.num_tokens_B.new_zeros(n)]),
+            torch.cat([h, h.new_zeros(n, *h.shape[1:])]))
 
     def concat_rows(self, other: LLMSession) -> LLMSession:
         """Rows of ``self`` then rows of ``other``; the shorter session is left-padded with invisible slots."""
