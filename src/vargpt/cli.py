@@ -30,39 +30,29 @@ def smoke(
     from PIL import Image, ImageDraw
 
     from vargpt.config import get_preset
-    from vargpt.generation.reference import generate_image_uncached, greedy_text_uncached
-    from vargpt.models.vae.schedules import get_schedule
+    from vargpt.engine import Engine
+    from vargpt.generation.params import ImageParams, TextParams
     from vargpt.models.vargpt import VARGPT
-    from vargpt.processing.chat import expand_image_pads, preprocess_images, render_prompt
-    from vargpt.processing.image import to_pil
+    from vargpt.processing.processor import Processor
     from vargpt.processing.tokenizer import char_tokenizer
 
     cfg = get_preset("tiny")
     torch.manual_seed(seed)
     model = VARGPT(cfg).eval()
-    tok = char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)
-    st = cfg.special_tokens
+    engine = Engine(model, Processor(cfg, char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)))
 
     image = Image.new("RGB", (56, 56), "white")
     ImageDraw.Draw(image).rectangle([16, 16, 40, 40], fill=(220, 30, 30))
-    pixel_values, grid = preprocess_images(cfg, [image])
     question = "What color is the square?"
-    text = render_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
-    ids = expand_image_pads(tok(text)["input_ids"], grid, st.image_pad, cfg.vision.spatial_merge_size)
-    answer_ids = greedy_text_uncached(model, torch.tensor([ids]), pixel_values=pixel_values, image_grid_thw=grid,
-                                      max_new_tokens=max_new_tokens, stop_ids=(st.im_end,))
-    answer = tok.decode([i for i in answer_ids if i != st.im_end], skip_special_tokens=False)
-    typer.echo(f"question: {question}\nanswer ({len(answer_ids)} tokens, random weights): {answer!r}")
+    answer = engine.understand([image], question, TextParams(max_new_tokens=max_new_tokens))
+    typer.echo(f"question: {question}\nanswer (random weights): {answer!r}")
 
-    prompt = render_prompt([{"role": "user", "content": "Draw a red circle."}])
-    schedule = get_schedule(cfg.gen_aspect_ratio, cfg.gen_schedule)
-    g = torch.Generator().manual_seed(seed)
-    result = generate_image_uncached(model, torch.tensor([tok(prompt)["input_ids"]]), schedule, generator=g)
+    (result,) = engine.generate_images(["Draw a red circle."], ImageParams(seed=seed))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "image.png"
-    to_pil(result.image_B3HW)[0].save(path)
-    h, w = result.image_B3HW.shape[-2:]
-    typer.echo(f"image: {path} ({w}x{h} px, {len(schedule)} scales {list(schedule)}, seed {seed})")
+    result.image.save(path)
+    w, h = result.image.size
+    typer.echo(f"image: {path} ({w}x{h} px, {len(result.schedule)} scales {list(result.schedule)}, seed {result.seed})")
 
 
 if __name__ == "__main__":

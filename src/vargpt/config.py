@@ -7,6 +7,7 @@ only source used to rebuild a model. Derived sizes are properties, validation ru
 Presets (``PRESETS``):
 
 * ``tiny``        -- a few-hundred-kilobyte model for tests and CI (every code path, seconds on a CPU).
+* ``base-100m``   -- about 100 M parameters (LLM 512 wide x 12 layers, decoder 512 x 10, 256 px): benchmarks.
 * ``vargpt-v1.1`` -- the exact official 7B LLM + 2B visual decoder sizes (SPEC.md §2.1, §2.2, §2.7, §2.8).
 
 Official-behaviour switches (SPEC.md §6, DESIGN.md "Compatibility and corrections") are named fields of
@@ -341,11 +342,24 @@ def _tiny() -> VARGPTConfig:
     )
 
 
+def _base_100m() -> VARGPTConfig:
+    return VARGPTConfig(
+        vision=VisionConfig(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
+        text=TextConfig(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_layers=12, num_heads=8,
+                        num_kv_heads=4, mrope_section=[8, 12, 12]),
+        decoder=DecoderConfig(width=512, depth=10, num_heads=4, mlp_ratio=4.0, memory_dim=512),
+        vae=VAEConfig(codebook_dim=16, base_channels=32, encoder_ch_mult=[1, 1, 2, 2, 4],
+                      decoder_ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1),
+        special_tokens=SpecialTokens.from_base(2030),
+        gen_schedule="0.06M",
+    )
+
+
 def _vargpt_v1_1() -> VARGPTConfig:
     return VARGPTConfig()
 
 
-PRESETS: dict[str, Any] = {"tiny": _tiny, "vargpt-v1.1": _vargpt_v1_1}
+PRESETS: dict[str, Any] = {"tiny": _tiny, "base-100m": _base_100m, "vargpt-v1.1": _vargpt_v1_1}
 
 
 def get_preset(name: str) -> VARGPTConfig:

@@ -236,13 +236,13 @@ class Engine:
         return [int(s) for s in seeds]
 
     def _image_loop(self, session: LLMSession, params: ImageParams, seeds: Sequence[int], *,
-                    uncond_prompts: list[EncodedPrompt] | None, previews: bool, logits: list | None = None
+                    assistant_prefix: str, previews: bool, logits: list | None = None
                     ) -> Iterator[ImagePreview | ImageBatch]:
         """Runs ``image_steps``; yields previews (if asked) and finally the ``ImageBatch``."""
         schedule = self.schedule(params)
         uncond = None
         if params.cfg_scale != 1.0 and params.cfg_mode == "null_prompt":
-            uncond, _ = self.prefill(uncond_prompts)
+            uncond, _ = self.prefill(self._null_prompts(session.batch, assistant_prefix))
         steps = image_steps(
             self.model, session, schedule, generators=make_generators(seeds), cfg_scale=params.cfg_scale,
             cfg_mode=params.cfg_mode, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
@@ -292,8 +292,7 @@ class Engine:
         session, _ = self.prefill(encs)
         batch = None
         logits = [] if return_tensors else None
-        for ev in self._image_loop(session, params, seeds, uncond_prompts=self._null_prompts(len(encs),
-                                                                                            assistant_prefix),
+        for ev in self._image_loop(session, params, seeds, assistant_prefix=assistant_prefix,
                                    previews=False, logits=logits):
             batch = ev
         return self._results(batch, params, seeds, time.perf_counter() - t0, logits)
@@ -318,7 +317,7 @@ class Engine:
         enc = self._encode_request(instruction, assistant_prefix, image=image)
         session, _ = self.prefill([enc])
         batch = None
-        for ev in self._image_loop(session, params, seeds, uncond_prompts=self._null_prompts(1, assistant_prefix),
+        for ev in self._image_loop(session, params, seeds, assistant_prefix=assistant_prefix,
                                    previews=False):
             batch = ev
         return self._results(batch, params, seeds, time.perf_counter() - t0)[0]
@@ -358,19 +357,32 @@ class Engine:
         return self.processor.decode([t for t in ids if t != self.config.special_tokens.im_end])
 
     def chat(self, messages: list[dict], text_params: TextParams | None = None,
-             image_params: ImageParams | None = None) -> ChatResult:
-        """One assistant turn; the model may draw (``<|image_gen_start|>``), after which text continues."""
+             image_params: ImageParams | None = None, *, draw: str = "auto", max_images: int = 4) -> ChatResult:
+        """One assistant turn; the model may draw (``<|image_gen_start|>``), after which text continues.
+
+        ``draw``: ``"auto"`` (the model decides), ``"first"`` (the answer starts with an image: the first token is
+        forced to ``<|image_gen_start|>``) or ``"never"`` (``<|image_gen_start|>`` is never sampled).
+        ``max_images``: at most this many images per turn (then ``<|image_gen_start|>`` is no longer sampled).
+        ``text_params.max_new_tokens`` counts text tokens only.
+        """
         result = None
-        for ev in self.stream(messages, text_params, image_params, previews=False):
+        for ev in self.stream(messages, text_params, image_params, draw=draw, max_images=max_images,
+                              previews=False):
             if isinstance(ev, Done):
                 result = ev.result
         return result
 
     @torch.no_grad()
     def stream(self, messages: list[dict], text_params: TextParams | None = None,
-               image_params: ImageParams | None = None, *, previews: bool = True) -> Iterator[Event]:
-        """Like ``chat``, as events: ``TextDelta``s, one ``ImagePreview`` per finished scale, ``ImageDone`` per
-        image and a final ``Done`` with the ``ChatResult`` (equal to ``chat``'s for the same seeds)."""
+               image_params: ImageParams | None = None, *, draw: str = "auto", max_images: int = 4,
+               previews: bool = True) -> Iterator[Event]:
+        """Like ``chat``, as events: ``TextDelta``s, one ``ImagePreview`` per finished scale (when ``previews``),
+        ``ImageDone`` per image and a final ``Done`` with the ``ChatResult`` (equal to ``chat``'s for the same
+        seeds)."""
+        if draw not in ("auto", "first", "never"):
+            raise ValueError(f"draw={draw!r}: expected 'auto', 'first' or 'never'")
+        if max_images < (1 if draw == "first" else 0):
+            raise ValueError(f"max_images={max_images}: expected an integer >= {1 if draw == 'first' else 0}")
         tp = text_params or TextParams()
         ip = self.resolve(image_params)
         st = self.config.special_tokens
@@ -387,22 +399,38 @@ class Engine:
         images: list[GeneratedImage] = []
         n_text = 0
         finish = "length"
-        while n_text < tp.max_new_tokens:
-            tok = sample_tokens(lm_logits(self.model, hidden), temperature=tp.temperature, top_k=tp.top_k,
-                                top_p=tp.top_p, generators=text_gen)
+
+        def flush_text():
+            """The not-yet-shown tail of the text since the last image (also a trailing partial character)."""
+            full = proc.decode(text_ids)
+            if len(full) > len(shown):
+                pieces.append(full[len(shown):])
+                yield TextDelta(full[len(shown):])
+            content.append({"type": "text", "text": full})
+
+        while True:
+            if draw == "first" and not ids:
+                tok = torch.tensor([st.image_gen_start], device=self.device)
+            elif n_text >= tp.max_new_tokens:
+                break
+            else:
+                # image tokens do not count as text tokens; ``max_images`` bounds the drawing instead
+                banned = (st.image_gen_start,) if draw == "never" or len(images) >= max_images else ()
+                tok = sample_tokens(lm_logits(self.model, hidden), temperature=tp.temperature, top_k=tp.top_k,
+                                    top_p=tp.top_p, generators=text_gen, banned=banned)
             t = int(tok[0])
             if t in stops:
                 finish = "stop"
                 break
             if t == st.image_gen_start:
                 if text_ids:
-                    content.append({"type": "text", "text": proc.decode(text_ids)})
+                    yield from flush_text()
                 text_ids, shown = [], ""
                 t0 = time.perf_counter()
                 decode_step(session, tok)
                 seed = ip.seed + len(images)
                 batch = None
-                for ev in self._image_loop(session, ip, [seed], uncond_prompts=self._null_prompts(1, ""),
+                for ev in self._image_loop(session, ip, [seed], assistant_prefix="",
                                            previews=previews):
                     if isinstance(ev, ImageBatch):
                         batch = ev
@@ -429,11 +457,7 @@ class Engine:
                 yield TextDelta(delta)
             hidden = decode_step(session, tok)[:, -1]
         if text_ids:
-            full = proc.decode(text_ids)
-            if len(full) > len(shown):
-                pieces.append(full[len(shown):])
-                yield TextDelta(full[len(shown):])
-            content.append({"type": "text", "text": full})
+            yield from flush_text()
         result = ChatResult(text="".join(pieces), images=images, token_ids=ids,
                             message={"role": "assistant", "content": content}, finish_reason=finish,
                             text_params=tp.to_dict())

@@ -77,9 +77,8 @@ class ImageParams:
         schedule: pixel budget name (``0.06M``, ``0.25M``, ``0.60M``, ``1M`` or ``first-N``); None = the model
             config's ``gen_schedule``.
         positions: one of ``POSITION_MODES``; None = the engine's default.
-        seed: seed of the per-sample generator (image i of a batch uses ``seed + i`` unless seeds are given).
-        previews: decode and report the accumulated image after every scale (streaming only costs; off by default
-            outside ``stream``).
+        seed: seed of the per-sample generator (image i of a batch uses ``seed + i`` unless seeds are given; the
+            k-th image of a chat turn uses ``seed + k``).
     """
 
     cfg_scale: float = 3.0
@@ -91,7 +90,6 @@ class ImageParams:
     schedule: str | None = None
     positions: str | None = None
     seed: int = 0
-    previews: bool = False
 
     def __post_init__(self) -> None:
         _check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, "a number >= 0")

@@ -52,12 +52,13 @@ def generate_image_uncached(
     model: VARGPT, prompt_ids_1T: torch.Tensor, schedule: Schedule, *, template: float | None = None,
     pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
     temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None,
+    logits_out: list | None = None,
 ) -> ImageTokens:
     """Next-scale generation after ``prompt_ids_1T`` (which must not contain ``<|image_gen_start|>``).
 
     For each scale k the LLM runs over prompt + ``<|image_gen_start|>`` + the inputs of scales 0..k, the
     decoder's block-causal path over scales 0..k, and the bits of scale k are sampled (SPEC.md §1.4 without
-    caches and without CFG).
+    caches and without CFG). ``logits_out``, when given, receives each scale's raw bit logits (1, l, 2d).
     """
     cfg = model.config
     st = cfg.special_tokens
@@ -81,6 +82,8 @@ def generate_image_uncached(
         mem = model.gen_proj_out(hidden[:, :n])
         mask = torch.ones(1, n, dtype=torch.bool, device=device)
         logits = dec(g, cond_1D, mem, mask, schedule[: k + 1], template)[:, offs[k]:]
+        if logits_out is not None:
+            logits_out.append(logits)
         bits = sample(dec.bit_logits(logits), temperature=temperature, top_k=top_k, top_p=top_p,
                       generator=generator)  # (1, l, d)
         ms_bits.append(bits)

@@ -93,20 +93,33 @@ class CrossAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(C))
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x_BLC: torch.Tensor, memory_BMCm: torch.Tensor, memory_bias_B11M: torch.Tensor) -> torch.Tensor:
+    def memory_kv(self, memory_BMCm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the memory, each (B, H, M, Dh)."""
+        B, M, _ = memory_BMCm.shape
+        bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
+        kv = F.linear(memory_BMCm, self.mat_kv.weight, bias).view(B, M, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x_BLC: torch.Tensor, memory_BMCm: torch.Tensor, memory_bias_B11M: torch.Tensor,
+                cache: DecoderKVCache | None = None, block_index: int = 0) -> torch.Tensor:
         """
         Args:
             x_BLC: (B, L, C) queries (after ``ca_norm``).
             memory_BMCm: (B, M, Cm) padded memory (padding rows should be finite, e.g. zeroed).
             memory_bias_B11M: (B, 1, 1, M) additive bias from ``memory_attn_bias`` (-inf on padding rows).
+            cache: with a cache, the memory's keys/values are computed at the first scale and reused (the memory
+                of one image does not change between scales).
         Returns:
             (B, L, C)
         """
         B, L, C = x_BLC.shape
-        M = memory_BMCm.shape[1]
         q = self.mat_q(x_BLC).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
-        kv = F.linear(memory_BMCm, self.mat_kv.weight, bias).view(B, M, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, M, Dh)
+        if cache is None:
+            k, v = self.memory_kv(memory_BMCm)
+        else:
+            if block_index not in cache.memory_kv:
+                cache.memory_kv[block_index] = self.memory_kv(memory_BMCm)
+            k, v = cache.memory_kv[block_index]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=memory_bias_B11M.to(q.dtype))  # scale 1/sqrt(Dh)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))

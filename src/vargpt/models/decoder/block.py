@@ -85,7 +85,8 @@ class DecoderBlock(nn.Module):
         training = self.training
         h = self.sa(ada_layer_norm(x_BLC, scale1, shift1, self.eps), cos_sin_2LF, attn_bias, cache, block_index)
         x_BLC = x_BLC + drop_path(h * gamma1, self.drop_path_rate, training).to(x_BLC.dtype)
-        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), memory_BMCm, memory_bias_B11M).to(x_BLC.dtype)
+        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), memory_BMCm, memory_bias_B11M, cache,
+                                block_index).to(x_BLC.dtype)
         h = self.ffn(ada_layer_norm(x_BLC, scale2, shift2, self.eps))
         x_BLC = x_BLC + drop_path(h * gamma2, self.drop_path_rate, training).to(x_BLC.dtype)
         return x_BLC

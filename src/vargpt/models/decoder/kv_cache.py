@@ -31,6 +31,8 @@ class DecoderKVCache:
         self.v_BHLDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_blocks)]
         self.pos = 0  # tokens of completed scales
         self.max_tokens = max_tokens
+        # cross-attention keys/values of the (fixed) memory, per block, filled at the first scale
+        self.memory_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, block: int, k_BHlDh: torch.Tensor, v_BHlDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this scale's keys/values of ``block`` at ``[pos, pos + l)``; return all keys/values ``[0, pos + l)``.
@@ -52,3 +54,4 @@ class DecoderKVCache:
     def reset(self) -> None:
         """Start a new image (buffers are overwritten, not cleared)."""
         self.pos = 0
+        self.memory_kv = {}
