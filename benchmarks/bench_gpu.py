@@ -54,8 +54,9 @@ def main() -> None:
     schedule = engine.schedule(params)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.special_tokens.endoftext, (args.prompt_len,), generator=g).tolist()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [f"preset {args.preset}: {nparams / 1e9:.2f} B parameters, bf16, built in {build_s:.0f} s on "
-             f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; schedule {params.schedule or cfg.gen_schedule}"
+             f"{where}; schedule {params.schedule or cfg.gen_schedule}"
              f" ({len(schedule)} scales, last {schedule[-1]}, {16 * schedule[-1][0]}x{16 * schedule[-1][1]} px), "
              f"CFG 3 (official mode), prompt {args.prompt_len} tokens", "",
              "| B | s / image | images / s | peak GPU memory (GiB) |", "|---|---|---|---|"]

@@ -74,6 +74,10 @@ def image_flops(engine: Engine, params: ImageParams) -> float:
     return fc.get_total_flops()
 
 
+def time_images(engine: Engine, prompts: list, params: ImageParams, repeats: int) -> float:
+    return timeit(lambda: engine.generate_images(prompts, params), repeats)
+
+
 def bench_generation(args, peaks) -> None:
     print("\n## Text-to-image throughput (CFG 3, tau 0.5, top-p 0.97, official CFG mode)\n")
     print("| model | params | dtype | B | s / image | images / s | GFLOP / image | GFLOP/s | of peak | vs official |")
@@ -85,8 +89,7 @@ def bench_generation(args, peaks) -> None:
             params = ImageParams(cfg_scale=3.0, seed=0)
             flops = image_flops(engine, params)
             for B in args.batches:
-                prompts = [PROMPT] * B
-                t = timeit(lambda: engine.generate_images(prompts, params), args.repeats) / B  # noqa: B023
+                t = time_images(engine, [PROMPT] * B, params, args.repeats) / B
                 gflops = flops / t / 1e9
                 peak = peaks[dtype]
                 vs = ""
@@ -98,66 +101,69 @@ def bench_generation(args, peaks) -> None:
             gc.collect()
 
 
+def cache_row(name: str, repeats: int) -> str:
+    engine = load_engine(name, "fp32")
+    params = ImageParams(cfg_scale=1.0, temperature=0.0, positions="mrope", seed=0)
+    schedule = engine.schedule(params)
+    enc = engine.processor.encode([{"role": "user", "content": PROMPT}])
+    ids = torch.tensor([enc.input_ids])
+    prompts = [EncodedPrompt(enc.input_ids)]
+    cached = timeit(lambda: engine.generate_images(prompts, params), repeats)
+    uncached = timeit(lambda: generate_image_uncached(engine.model, ids, schedule, temperature=0.0),
+                      max(1, repeats // 2))
+    a = engine.generate_images(prompts, params)[0].bits
+    b = generate_image_uncached(engine.model, ids, schedule, temperature=0.0).ms_bits_Bld
+    same = all(torch.equal(x, y[0]) for x, y in zip(a, b, strict=True))
+    return f"| {name} | {cached:.4f} | {uncached:.4f} | {uncached / cached:.1f}x | {same} |"
+
+
 def bench_cache(args) -> None:
     print("\n## Cached scale loop vs uncached recomputation (B = 1, CFG 1, argmax bits, fp32)\n")
     print("| model | cached s / image | uncached s / image | speed-up | same bits |")
     print("|---|---|---|---|---|")
     for name in args.models:
-        engine = load_engine(name, "fp32")
-        params = ImageParams(cfg_scale=1.0, temperature=0.0, positions="mrope", seed=0)
-        schedule = engine.schedule(params)
-        enc = engine.processor.encode([{"role": "user", "content": PROMPT}])
-        ids = torch.tensor([enc.input_ids])
-        cached = timeit(lambda: engine.generate_images([EncodedPrompt(enc.input_ids)], params), args.repeats)  # noqa: B023
-        uncached = timeit(lambda: generate_image_uncached(engine.model, ids, schedule, temperature=0.0),  # noqa: B023
-                          max(1, args.repeats // 2))
-        a = engine.generate_images([EncodedPrompt(enc.input_ids)], params)[0].bits
-        b = generate_image_uncached(engine.model, ids, schedule, temperature=0.0).ms_bits_Bld
-        same = all(torch.equal(x, y[0]) for x, y in zip(a, b, strict=True))
-        print(f"| {name} | {cached:.4f} | {uncached:.4f} | {uncached / cached:.1f}x | {same} |", flush=True)
+        print(cache_row(name, args.repeats), flush=True)
+
+
+def understanding_row(name: str, repeats: int) -> str:
+    from PIL import Image
+
+    engine = load_engine(name, "fp32")
+    st = engine.config.special_tokens
+    img = Image.new("RGB", (112, 112), (200, 40, 40))
+    enc = engine.processor.encode([{"role": "user", "content": [{"type": "image", "image": img},
+                                                                {"type": "text", "text": "Describe it."}]}])
+    n = 32
+    params = TextParams(max_new_tokens=n)
+    ids = torch.tensor([enc.input_ids])
+    hf = engine.model.backbone
+    out: dict[str, list[int]] = {}
+
+    def ours() -> None:
+        out["ours"] = engine.generate_text([enc], params)[0]
+
+    def theirs() -> None:
+        seq = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc.pixel_values,
+                          image_grid_thw=enc.image_grid_thw, mm_token_type_ids=(ids == st.image_pad).long(),
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=st.endoftext)
+        out["hf"] = seq[0, ids.shape[1]:].tolist()
+
+    t_ours = timeit(ours, repeats)
+    t_hf = timeit(theirs, repeats)
+    # our loop stops at <|im_end|> (transformers is forced to 32 tokens): compare ids on our length, rates per token
+    k = len(out["ours"])
+    same = out["ours"] == out["hf"][:k]
+    r_ours, r_hf = k / t_ours, len(out["hf"]) / t_hf
+    vs = f"{r_ours / OFFICIAL['understanding_tok_s']:.2f}x" if name == "bench_M" else ""
+    return f"| {name} | {r_ours:.0f} | {r_hf:.0f} | {r_ours / r_hf:.2f}x | {same} ({k} tokens) | {vs} |"
 
 
 def bench_understanding(args) -> None:
     print("\n## Understanding: 32 greedy tokens after one 112 x 112 image (B = 1, fp32, end to end)\n")
     print("| model | ours tok/s | transformers generate tok/s | ours / transformers | same ids | vs official |")
     print("|---|---|---|---|---|---|")
-    from PIL import Image
-
-    img = Image.new("RGB", (112, 112), (200, 40, 40))
     for name in args.models:
-        engine = load_engine(name, "fp32")
-        st = engine.config.special_tokens
-        enc = engine.processor.encode([{"role": "user", "content": [{"type": "image", "image": img},
-                                                                    {"type": "text", "text": "Describe it."}]}])
-        n = 32
-        # no stop token: always 32 tokens on both sides
-        params = TextParams(max_new_tokens=n, stop_token_ids=())
-        ours_ids = None
-
-        def ours():
-            nonlocal ours_ids
-            ours_ids = engine.generate_text([enc], params)[0]
-
-        ids = torch.tensor([enc.input_ids])
-        hf = engine.model.backbone
-        hf_ids = None
-
-        def theirs():
-            nonlocal hf_ids
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc.pixel_values,
-                              image_grid_thw=enc.image_grid_thw, mm_token_type_ids=(ids == st.image_pad).long(),
-                              max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                              pad_token_id=st.endoftext)
-            hf_ids = out[0, ids.shape[1]:].tolist()
-
-        t_ours = timeit(ours, args.repeats)
-        t_hf = timeit(theirs, args.repeats)
-        # our loop stops at <|im_end|>; compare on the common prefix length
-        k = len(ours_ids)
-        same = ours_ids == hf_ids[:k]
-        vs = f"{(k / t_ours) / OFFICIAL['understanding_tok_s']:.2f}x" if name == "bench_M" else ""
-        print(f"| {name} | {k / t_ours:.0f} | {len(hf_ids) / t_hf:.0f} | {(k / t_ours) / (len(hf_ids) / t_hf):.2f}x | "
-              f"{same} ({k} tokens) | {vs} |", flush=True)
+        print(understanding_row(name, args.repeats), flush=True)
 
 
 def main() -> None:

@@ -111,11 +111,15 @@ class Engine:
     Args:
         model: the unified model (eval mode).
         processor: tokenizer, chat template and image preprocessing matching ``model.config``.
+        micro_batch: the most images generated in one batch (larger requests run in consecutive micro-batches;
+            default 8 on a CPU, unlimited on an accelerator; 0 = unlimited).
+        decode_chunk: the most images the VAE decodes at once (default 2 on a CPU, all on an accelerator).
         compat: ``"official"`` (defaults that reproduce the released sampler: ``cfg_mode="official"``,
             ``positions="official"``) or ``"native"`` (``cfg_mode="null_prompt"``, M-RoPE positions).
     """
 
-    def __init__(self, model: VARGPT, processor: Processor, *, compat: str = "native") -> None:
+    def __init__(self, model: VARGPT, processor: Processor, *, compat: str = "native",
+                 micro_batch: int | None = None, decode_chunk: int | None = None) -> None:
         if compat not in ("official", "native"):
             raise ValueError(f"compat={compat!r}: expected 'official' or 'native'")
         self.model = model.eval()
@@ -124,6 +128,12 @@ class Engine:
         self.compat = compat
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        cpu = self.device.type == "cpu"
+        # On a CPU, batches past a few images stop paying (activations fall out of the cache; measured in
+        # BENCHMARKS.md): large requests run as consecutive micro-batches, and the VAE decodes two images at a time.
+        # Results do not depend on either (every sample has its own generator).
+        self.micro_batch = micro_batch if micro_batch is not None else (8 if cpu else 0)
+        self.decode_chunk = decode_chunk if decode_chunk is not None else (2 if cpu else 0)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -246,7 +256,8 @@ class Engine:
         steps = image_steps(
             self.model, session, schedule, generators=make_generators(seeds), cfg_scale=params.cfg_scale,
             cfg_mode=params.cfg_mode, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-            positions=params.positions, uncond_session=uncond, template=nearest_template(params.aspect_ratio))
+            positions=params.positions, uncond_session=uncond, template=nearest_template(params.aspect_ratio),
+            decode_chunk=self.decode_chunk)
         while True:
             try:
                 step: ScaleStep = next(steps)
@@ -286,9 +297,14 @@ class Engine:
         params = self.resolve(params)
         if not prompts:
             return []
+        seeds = self._seeds(params.seed, len(prompts), seeds)
+        mb = self.micro_batch or len(prompts)
+        if len(prompts) > mb:
+            return [img for i in range(0, len(prompts), mb)
+                    for img in self.generate_images(prompts[i:i + mb], params, seeds=seeds[i:i + mb],
+                                                    assistant_prefix=assistant_prefix, return_tensors=return_tensors)]
         t0 = time.perf_counter()
         encs = [self._encode_request(p, assistant_prefix) for p in prompts]
-        seeds = self._seeds(params.seed, len(encs), seeds)
         session, _ = self.prefill(encs)
         batch = None
         logits = [] if return_tensors else None

@@ -110,7 +110,7 @@ def gen_rows_from_bits(model: VARGPT, ms_bits_Bld: Sequence[torch.Tensor], sched
 def image_steps(
     model: VARGPT, session: LLMSession, schedule: Schedule, *, generators: Sequence[torch.Generator],
     cfg_scale: float, cfg_mode: str, temperature: float, top_k: int, top_p: float, positions: str,
-    uncond_session: LLMSession | None = None, template: float | None = None,
+    uncond_session: LLMSession | None = None, template: float | None = None, decode_chunk: int = 0,
 ) -> Generator[ScaleStep, None, ImageBatch]:
     """Generate one image per row of ``session`` (see the module docstring); yields one ``ScaleStep`` per scale.
 
@@ -122,6 +122,8 @@ def image_steps(
         temperature, top_k, top_p: per-bit sampling (temperature 0 = argmax).
         positions: ``official`` (raw cache index) or ``mrope`` (continue the text positions).
         uncond_session: for ``null_prompt``: B rows of the empty prompt ending with ``<|image_gen_start|>``.
+        decode_chunk: VAE-decode at most this many images at once (0 = all; small chunks keep the full-resolution
+            activations in the CPU cache).
     """
     cfg = model.config
     dec = model.decoder
@@ -207,6 +209,8 @@ def image_steps(
         if k + 1 < len(schedule):
             x_BlC = dec.embed_words(next_scale_input(summed, schedule[k + 1]).to(dec.pos_start.dtype))
             x_RlC = x_BlC.repeat(R // B, 1, 1)
-    image = model.vae.decode(summed.to(next(model.vae.parameters()).dtype)).float()
+    vae_dtype = next(model.vae.parameters()).dtype
+    chunk = decode_chunk or B
+    image = torch.cat([model.vae.decode(summed[i:i + chunk].to(vae_dtype)).float() for i in range(0, B, chunk)])
     cond_session = llm.select_rows(list(range(B))) if R != B else llm
     return ImageBatch(ms_bits, summed, image, schedule, template, cond_session, lengths)
