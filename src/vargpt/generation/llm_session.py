@@ -44,6 +44,7 @@ class LLMSession:
         self.next_pos_B = torch.zeros(batch, dtype=torch.long, device=device)
         self.num_tokens_B = torch.zeros(batch, dtype=torch.long, device=device)
         self._hidden: list[torch.Tensor] = []
+        self._all_visible = True  # every slot so far is visible to every row (no padding, nothing hidden)
 
     @property
     def length(self) -> int:
@@ -73,19 +74,26 @@ class LLMSession:
         if B != self.batch:
             raise ValueError(f"session has {self.batch} rows, step got {B}")
         keep_Bq = valid_Bq if keep_Bq is None else keep_Bq
-        past_BT = self.visible_BT
-        if see_past_B is not None:
-            past_BT = past_BT & see_past_B[:, None]
-        causal_qq = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
-        eye_qq = torch.eye(q, dtype=torch.bool, device=self.device)
-        new_Bqq = (causal_qq[None] & valid_Bq[:, None, :] & valid_Bq[:, :, None]) | eye_qq[None]
-        allowed_BqT = torch.cat([past_BT[:, None, :].expand(B, q, past_BT.shape[1]), new_Bqq], dim=2)
-        mask = torch.zeros(allowed_BqT.shape, dtype=embeds_BqC.dtype, device=self.device)
-        mask.masked_fill_(~allowed_BqT, torch.finfo(embeds_BqC.dtype).min)
+        if self._all_visible and see_past_B is None and bool(valid_Bq.all()):
+            # plain causal attention over everything (no padding, no hidden slots): let transformers take its
+            # mask-free fast path (same result; a q=1 decode step then needs no mask at all)
+            mask_4d = None
+        else:
+            past_BT = self.visible_BT
+            if see_past_B is not None:
+                past_BT = past_BT & see_past_B[:, None]
+            causal_qq = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
+            eye_qq = torch.eye(q, dtype=torch.bool, device=self.device)
+            new_Bqq = (causal_qq[None] & valid_Bq[:, None, :] & valid_Bq[:, :, None]) | eye_qq[None]
+            allowed_BqT = torch.cat([past_BT[:, None, :].expand(B, q, past_BT.shape[1]), new_Bqq], dim=2)
+            mask_4d = torch.zeros(allowed_BqT.shape, dtype=embeds_BqC.dtype, device=self.device)
+            mask_4d.masked_fill_(~allowed_BqT, torch.finfo(embeds_BqC.dtype).min)
+            mask_4d = mask_4d[:, None]
         out = self.model.language_model(
-            inputs_embeds=embeds_BqC, attention_mask=mask[:, None], position_ids=position_ids_3Bq,
+            inputs_embeds=embeds_BqC, attention_mask=mask_4d, position_ids=position_ids_3Bq,
             cache=self.cache, use_cache=True,
         ).last_hidden_state
+        self._all_visible = self._all_visible and bool(keep_Bq.all())
         self.visible_BT = torch.cat([self.visible_BT, keep_Bq], dim=1)
         self.num_tokens_B = self.num_tokens_B + keep_Bq.sum(1)
         self._hidden.append(out)
@@ -101,6 +109,7 @@ class LLMSession:
         new = LLMSession(self.model, visible_BT.shape[0], self.device, self.dtype)
         new.cache = DynamicCache(ddp_cache_data=kv, config=self.model.backbone.config.text_config)
         new.visible_BT, new.next_pos_B, new.num_tokens_B = visible_BT, next_pos_B, num_tokens_B
+        new._all_visible = bool(visible_BT.all())
         new._hidden = [hidden_BTC]
         return new
 

@@ -1,0 +1,97 @@
+"""Engine.load: our checkpoint directories (tokenizer, chat template and preprocessor settings from the directory),
+official directories (bf16 into the dtype asked for), and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vargpt.checkpoint import save_checkpoint
+from vargpt.engine import Engine
+from vargpt.generation.params import ImageParams, TextParams
+from vargpt.processing.processor import Processor
+from vargpt.processing.tokenizer import char_tokenizer
+
+from .helpers import tiny_model
+
+PARITY = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "parity"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, Engine]:
+    model = tiny_model(3)
+    cfg = model.config
+    processor = Processor(cfg, char_tokenizer(cfg.special_tokens, cfg.text.vocab_size), min_pixels=28 * 28,
+                          max_pixels=112 * 112)
+    path = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(model, path)
+    processor.save(path)
+    return path, Engine(model, processor)
+
+
+def test_our_directory_round_trips_through_engine_load(saved) -> None:
+    path, engine = saved
+    loaded = Engine.load(path)
+    assert loaded.compat == "native" and loaded.resolve(None).cfg_mode == "null_prompt"
+    assert (loaded.processor.min_pixels, loaded.processor.max_pixels) == (28 * 28, 112 * 112)
+    params = ImageParams(seed=5, temperature=1.0)
+    a, b = engine.generate_images(["a red circle"], params)[0], loaded.generate_images(["a red circle"], params)[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits, strict=True))
+    assert a.image.tobytes() == b.image.tobytes()
+    tp = TextParams(max_new_tokens=6, temperature=1.0, seed=2)
+    enc = engine.processor.encode([{"role": "user", "content": "hello"}])
+    assert engine.generate_text([enc], tp) == loaded.generate_text([loaded.processor.encode(
+        [{"role": "user", "content": "hello"}])], tp)
+
+
+def test_chat_template_in_the_directory_is_used(saved, tmp_path) -> None:
+    path, engine = saved
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg_path = tmp_path / "tokenizer_config.json"
+    data = json.loads(cfg_path.read_text())
+    data["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>"
+                             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+    cfg_path.write_text(json.dumps(data))
+    loaded = Engine.load(tmp_path)
+    assert loaded.processor.template_source == "tokenizer chat_template"
+    text = loaded.processor.render([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user:hi<|im_end|><|im_start|>assistant:"
+    assert engine.processor.template_source == "built-in Qwen2-VL"
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path) -> None:
+    model = tiny_model(0)
+    save_checkpoint(model, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        Engine.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        Engine.load(tmp_path / "nope")
+    with pytest.raises(ValueError, match="dtype='fp16'"):
+        Engine.load(tmp_path, dtype="fp16", tokenizer=char_tokenizer(model.config.special_tokens, 320))
+
+
+def test_tokenizer_must_match_the_special_ids() -> None:
+    from vargpt.config import SpecialTokens
+
+    cfg = tiny_model(0).config
+    other = char_tokenizer(SpecialTokens.from_base(cfg.special_tokens.endoftext + 2), cfg.text.vocab_size)
+    with pytest.raises(ValueError, match=r"special_tokens\.im_end"):
+        Processor(cfg, other)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_official_directory_loads_in_the_dtype_asked_for(dtype) -> None:
+    fixture = sorted(p for p in PARITY.iterdir() if p.name.startswith("tiny_"))[0]
+    from vargpt.models.official import read_official_config
+
+    cfg, _ = read_official_config(fixture)
+    engine = Engine.load(fixture, dtype=dtype, tokenizer=char_tokenizer(cfg.special_tokens, cfg.text.vocab_size))
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    assert engine.compat == "official" and engine.dtype == want
+    assert {p.dtype for p in engine.model.parameters()} == {want}
+    (img,) = engine.generate_images(["x"], ImageParams(seed=0, top_k=1))
+    assert img.image.size == (64, 64) and img.params["cfg_mode"] == "official"
