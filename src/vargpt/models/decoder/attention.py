@@ -64,7 +64,8 @@ class SelfAttention(nn.Module):
         """
         B, L, C = x_BLC.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        # call the module (not F.linear on its weight) so that wrappers such as LoRA adapters take effect
+        qkv = (self.mat_qkv(x_BLC) + bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
         scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         q = F.normalize(q, dim=-1) * scale_mul
@@ -97,7 +98,7 @@ class CrossAttention(nn.Module):
         """Keys and values of the memory, each (B, H, M, Dh)."""
         B, M, _ = memory_BMCm.shape
         bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
-        kv = F.linear(memory_BMCm, self.mat_kv.weight, bias).view(B, M, 2, self.num_heads, self.head_dim)
+        kv = (self.mat_kv(memory_BMCm) + bias).view(B, M, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
