@@ -1,0 +1,121 @@
+"""Shapes datasets in the project's record format (official sharegpt records, SPEC.md §4.7), so that the same
+training code runs on Shapes and on real data.
+
+``build_split`` renders scenes to PNG files and writes JSONL files of records:
+
+* understanding: user ``<image>{question}``, assistant ``{answer}``;
+* generation: user = the prompt wrapped in a varied instruction, assistant = a short sentence + ``<image_gen>``;
+* editing: user ``<image>{instruction}``, assistant = a short sentence + ``<image_gen>``; images = [source, target].
+
+Evaluation scenes are drawn first from their own seed; training scenes whose read-back key equals an evaluation
+scene's are rejected, so the scenes behind evaluation questions and edits are never seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vargpt.data.shapes.grammar import (
+    EDIT_KINDS,
+    GEN_CATEGORIES,
+    QUESTION_KINDS,
+    GenPrompt,
+    sample_edit,
+    sample_gen_prompt,
+    sample_question,
+    scene_for_prompt,
+)
+from vargpt.data.shapes.world import Scene, random_scene, render
+
+__all__ = ["GEN_WRAPPERS", "GEN_REPLIES", "EDIT_REPLIES", "wrap_prompt", "build_split", "SplitPaths",
+           "eval_scenes"]
+
+GEN_WRAPPERS = ("{p}", "Draw {p}.", "Please create an image of {p}.", "Can you depict {p}?",
+                "I need a picture of {p}.", "Generate {p}.")
+GEN_REPLIES = ("Here is {p}.", "I have drawn {p}.", "Here is an image of {p}.")
+EDIT_REPLIES = ("Here is the edited image.", "Done.", "The output image is:")
+
+
+def wrap_prompt(rng: random.Random, prompt: GenPrompt) -> tuple[str, str]:
+    """(user text, assistant text before the image) for a generation prompt."""
+    return rng.choice(GEN_WRAPPERS).format(p=prompt.text), rng.choice(GEN_REPLIES).format(p=prompt.text)
+
+
+@dataclass
+class SplitPaths:
+    understanding: Path
+    generation: Path
+    editing: Path
+
+
+def eval_scenes(seed: int, n: int) -> list[Scene]:
+    """The held-out evaluation scenes (fixed by ``seed``)."""
+    rng = random.Random(seed)
+    return [random_scene(rng) for _ in range(n)]
+
+
+def _save(img, path: Path) -> str:
+    """Save and return the path relative to the split folder (``images/<name>``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return f"images/{path.name}"
+
+
+def _write_jsonl(path: Path, records: Iterable[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_generation: int, n_editing: int,
+                exclude: Iterable[Scene] = (), gen_categories: tuple[str, ...] = GEN_CATEGORIES) -> SplitPaths:
+    """Render a training split into ``out_dir`` (``images/``, ``understanding.jsonl``, ``generation.jsonl``,
+    ``editing.jsonl``; image paths are relative to ``out_dir``)."""
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    banned = {s.key() for s in exclude}
+
+    def fresh_scene() -> Scene:
+        while True:
+            s = random_scene(rng)
+            if s.key() not in banned:
+                return s
+
+    und, gen, edit = [], [], []
+    for i in range(n_understanding):
+        while True:
+            scene = fresh_scene()
+            qa = sample_question(rng, scene, rng.choice(QUESTION_KINDS))
+            if qa:
+                break
+        path = _save(render(scene), out / "images" / f"u{i:06d}.png")
+        und.append({"messages": [{"role": "user", "content": f"<image>{qa[0]}"},
+                                 {"role": "assistant", "content": qa[1]}], "images": [path]})
+    for i in range(n_generation):
+        prompt = sample_gen_prompt(rng, gen_categories[i % len(gen_categories)])
+        scene = scene_for_prompt(rng, prompt)
+        user, reply = wrap_prompt(rng, prompt)
+        path = _save(render(scene), out / "images" / f"g{i:06d}.png")
+        gen.append({"messages": [{"role": "user", "content": user},
+                                 {"role": "assistant", "content": f"{reply}<image_gen>"}], "images": [path],
+                    "meta": {"category": prompt.category, "prompt": prompt.text}})
+    for i in range(n_editing):
+        while True:
+            scene = fresh_scene()
+            r = sample_edit(rng, scene, EDIT_KINDS[i % len(EDIT_KINDS)])
+            if r:
+                break
+        e, target = r
+        src = _save(render(scene), out / "images" / f"e{i:06d}_src.png")
+        tgt = _save(render(target), out / "images" / f"e{i:06d}_tgt.png")
+        edit.append({"messages": [{"role": "user", "content": f"<image>{e.text}"},
+                                  {"role": "assistant", "content": f"{rng.choice(EDIT_REPLIES)}<image_gen>"}],
+                     "images": [src, tgt], "meta": {"kind": e.kind}})
+    return SplitPaths(_write_jsonl(out / "understanding.jsonl", und), _write_jsonl(out / "generation.jsonl", gen),
+                      _write_jsonl(out / "editing.jsonl", edit))

@@ -1,0 +1,177 @@
+"""The Shapes world contract (SHAPES.md): exact rendering and read-back, grammar round trips, pass rules."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+
+from vargpt.data.shapes import (
+    CELLS,
+    COLORS,
+    EDIT_KINDS,
+    GEN_CATEGORIES,
+    QUESTION_KINDS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    caption,
+    check_answer,
+    check_gen,
+    parse_caption,
+    parse_edit,
+    parse_gen_prompt,
+    parse_question,
+    random_scene,
+    read_image,
+    render,
+    sample_edit,
+    sample_gen_prompt,
+    sample_question,
+    scene_for_prompt,
+)
+from vargpt.data.shapes.grammar import GenPrompt, _gp
+from vargpt.data.shapes.tasks import build_split
+
+
+def read_key(img) -> frozenset:
+    return frozenset(o.key() for o in read_image(img))
+
+
+def test_scorer_reads_back_10000_random_scenes_exactly() -> None:
+    rng = random.Random(12345)
+    misses = [s for s in (random_scene(rng) for _ in range(10_000)) if read_key(render(s)) != s.key()]
+    assert misses == []
+
+
+def test_every_object_at_every_cell_and_extreme_jitter_reads_back() -> None:
+    for shape, color, size, cell in itertools.product(SHAPES, COLORS, SIZES, CELLS):
+        for jitter in ((-1, -1), (1, 1), (-1, 1), (1, -1)):
+            s = Scene((Obj(shape, color, size, cell, jitter),))
+            assert read_key(render(s)) == s.key(), s
+
+
+def test_rendering_is_exact_palette_on_white() -> None:
+    arr = np.asarray(render(random_scene(random.Random(0), 3)))
+    colors = {tuple(c) for c in arr.reshape(-1, 3)}
+    assert colors <= {(255, 255, 255), *COLORS.values()}
+
+
+def test_fill_ratios_fall_in_the_contract_bands() -> None:
+    for shape, size in itertools.product(SHAPES, SIZES):
+        (o,) = read_image(render(Scene((Obj(shape, "red", size, "center"),))))
+        assert (o.shape, o.size) == (shape, size)
+
+
+def test_every_generation_prompt_round_trips_and_its_scenes_pass() -> None:
+    rng = random.Random(3)
+    colors = list(COLORS)
+    all_prompts: list[GenPrompt] = []
+    all_prompts += [_gp("single_object", shape=s) for s in SHAPES]
+    all_prompts += [_gp("two_objects", shape1=a, shape2=b) for a, b in itertools.permutations(SHAPES, 2)]
+    all_prompts += [_gp("counting", shape=s, count=n) for s in SHAPES for n in (2, 3)]
+    all_prompts += [_gp("colors", color=c, shape=s) for c in colors for s in SHAPES]
+    all_prompts += [_gp("position", color1=c1, shape1=s1, color2=c2, shape2=s2, relation=r)
+                    for c1, s1, c2, s2 in itertools.product(colors, SHAPES, colors, SHAPES) if (c1, s1) != (c2, s2)
+                    for r in ("to the left of", "to the right of", "above", "below")]
+    all_prompts += [_gp("color_attribution", color1=c1, shape1=s1, color2=c2, shape2=s2)
+                    for c1, c2 in itertools.permutations(colors, 2) for s1, s2 in itertools.permutations(SHAPES, 2)]
+    all_prompts += [_gp("size", size=z, color=c, shape=s) for z in SIZES for c in colors for s in SHAPES]
+    all_prompts += [_gp("cell", color=c, shape=s, cell=x) for c in colors for s in SHAPES for x in CELLS]
+    assert {p.category for p in all_prompts} == set(GEN_CATEGORIES)
+    for p in all_prompts:
+        assert parse_gen_prompt(p.text) == p, p.text
+        scene = scene_for_prompt(rng, p)
+        assert check_gen(p, read_image(render(scene))), (p.text, scene)
+    for c in GEN_CATEGORIES:  # the sampler only produces grammatical prompts
+        assert all(parse_gen_prompt(sample_gen_prompt(rng, c).text).category == c for _ in range(50))
+
+
+def test_generation_pass_rules_reject_wrong_images() -> None:
+    red_circle = Obj("circle", "red", "small", "left")
+    blue_square = Obj("square", "blue", "small", "right")
+    objs = read_image(render(Scene((red_circle, blue_square))))
+    assert check_gen(parse_gen_prompt("a red circle to the left of a blue square"), objs)
+    assert not check_gen(parse_gen_prompt("a red circle to the right of a blue square"), objs)
+    assert not check_gen(parse_gen_prompt("a red circle above a blue square"), objs)  # same row
+    assert check_gen(parse_gen_prompt("a red circle and a blue square"), objs)
+    assert not check_gen(parse_gen_prompt("a blue circle and a red square"), objs)
+    assert not check_gen(parse_gen_prompt("a circle"), objs)  # "exactly": the square is extra
+    assert check_gen(parse_gen_prompt("a circle and a square"), objs)
+    assert not check_gen(parse_gen_prompt("two circles"), objs)
+    one = read_image(render(Scene((Obj("triangle", "green", "large", "top"),))))
+    assert check_gen(parse_gen_prompt("a large green triangle"), one)
+    assert not check_gen(parse_gen_prompt("a small green triangle"), one)
+    assert check_gen(parse_gen_prompt("a green triangle in the top"), one)
+    assert not check_gen(parse_gen_prompt("a green triangle in the top left"), one)
+
+
+def test_questions_round_trip_and_answers_are_judged_exactly() -> None:
+    rng = random.Random(5)
+    for _ in range(400):
+        scene = random_scene(rng)
+        for kind in QUESTION_KINDS:
+            qa = sample_question(rng, scene, kind)
+            if qa is None:
+                continue
+            q, a = qa
+            assert parse_question(q)[0] == kind
+            assert check_answer(q, a, scene)
+            assert not check_answer(q, a + "s", scene)
+    scene = Scene((Obj("circle", "red", "small", "top left"), Obj("square", "blue", "large", "center")))
+    assert caption(scene) == "a small red circle in the top left, a large blue square in the center"
+    assert parse_caption(caption(scene)) == scene.key()
+    # a caption in another order describes the same scene; a wrong one does not
+    assert check_answer("Describe the image.", "a large blue square in the center, a small red circle in the top left",
+                        scene)
+    assert not check_answer("Describe the image.", "a large blue square in the center", scene)
+    assert parse_caption("a huge red circle in the top") is None
+
+
+def test_exists_questions_are_half_no() -> None:
+    rng = random.Random(9)
+    answers = [sample_question(rng, random_scene(rng), "exists")[1] for _ in range(2000)]
+    assert abs(answers.count("no") / len(answers) - 0.5) < 0.04
+
+
+def test_edits_round_trip_and_targets_read_back() -> None:
+    rng = random.Random(7)
+    seen = set()
+    for _ in range(600):
+        scene = random_scene(rng)
+        for kind in EDIT_KINDS:
+            r = sample_edit(rng, scene, kind)
+            if r is None:
+                continue
+            edit, target = r
+            seen.add(kind)
+            assert parse_edit(edit.text) == edit
+            assert read_key(render(target)) == target.key()
+            assert target.key() != scene.key()
+    assert seen == set(EDIT_KINDS)
+    with pytest.raises(ValueError, match="not a Shapes"):
+        parse_edit("Paint it black.")
+
+
+def test_build_split_writes_records_in_the_official_format(tmp_path) -> None:
+    held_out = [random_scene(random.Random(1)) for _ in range(5)]
+    paths = build_split(tmp_path, seed=0, n_understanding=6, n_generation=8, n_editing=4, exclude=held_out)
+    und = [json.loads(line) for line in paths.understanding.read_text().splitlines()]
+    gen = [json.loads(line) for line in paths.generation.read_text().splitlines()]
+    edi = [json.loads(line) for line in paths.editing.read_text().splitlines()]
+    assert (len(und), len(gen), len(edi)) == (6, 8, 4)
+    assert {r["meta"]["category"] for r in gen} == set(GEN_CATEGORIES)
+    for r in und + gen + edi:
+        text = "".join(m["content"] for m in r["messages"])
+        assert text.count("<image>") + text.count("<image_gen>") == len(r["images"])
+        assert all((tmp_path / p).is_file() for p in r["images"])
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+    for r in gen:
+        prompt = parse_gen_prompt(r["meta"]["prompt"])
+        from PIL import Image
+
+        assert check_gen(prompt, read_image(Image.open(tmp_path / r["images"][0])))
