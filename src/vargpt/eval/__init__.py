@@ -1,0 +1,1 @@
+"""Evaluation suites (reproducible: fixed seeds, held-out data)."""
