@@ -7,6 +7,8 @@ only source used to rebuild a model. Derived sizes are properties, validation ru
 Presets (``PRESETS``):
 
 * ``tiny``        -- a few-hundred-kilobyte model for tests and CI (every code path, seconds on a CPU).
+* ``shapes``      -- the shipped default model's size (SHAPES.md world: 64 x 64 images, character vocabulary;
+  12.4 M parameters, trains on a 2-core CPU).
 * ``base-100m``   -- about 100 M parameters (LLM 512 wide x 12 layers, decoder 512 x 10, 256 px): benchmarks.
 * ``vargpt-v1.1`` -- the exact official 7B LLM + 2B visual decoder sizes (SPEC.md §2.1, §2.2, §2.7, §2.8).
 
@@ -342,6 +344,20 @@ def _tiny() -> VARGPTConfig:
     )
 
 
+def _shapes() -> VARGPTConfig:
+    # 64 x 64 Shapes images: 4 x 4 latent grid, first-3 schedule (1, 2, 4) = 21 tokens; a character-level vocabulary
+    return VARGPTConfig(
+        vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=4),
+        text=TextConfig(vocab_size=128, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                        num_kv_heads=2, mrope_section=[8, 12, 12]),
+        decoder=DecoderConfig(width=256, depth=4, num_heads=2, mlp_ratio=4.0, memory_dim=256),
+        vae=VAEConfig(codebook_dim=16, base_channels=32, encoder_ch_mult=[1, 1, 2, 2, 4],
+                      decoder_ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1),
+        special_tokens=SpecialTokens.from_base(100),
+        gen_schedule="first-3",
+    )
+
+
 def _base_100m() -> VARGPTConfig:
     return VARGPTConfig(
         vision=VisionConfig(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
@@ -359,7 +375,7 @@ def _vargpt_v1_1() -> VARGPTConfig:
     return VARGPTConfig()
 
 
-PRESETS: dict[str, Any] = {"tiny": _tiny, "base-100m": _base_100m, "vargpt-v1.1": _vargpt_v1_1}
+PRESETS: dict[str, Any] = {"tiny": _tiny, "shapes": _shapes, "base-100m": _base_100m, "vargpt-v1.1": _vargpt_v1_1}
 
 
 def get_preset(name: str) -> VARGPTConfig:
