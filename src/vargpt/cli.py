@@ -55,5 +55,193 @@ def smoke(
     typer.echo(f"image: {path} ({w}x{h} px, {len(result.schedule)} scales {list(result.schedule)}, seed {result.seed})")
 
 
+# ------------------------------------------------------------------------------------------- inference commands
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
+
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    "--checkpoint", envvar="VARGPT_CHECKPOINT",
+    help="Checkpoint directory, ours or official-layout (default: the shipped Shapes model).")]
+DtypeOpt = Annotated[str | None, typer.Option(help="Weights dtype: fp32 or bf16 (default: as stored).")]
+DeviceOpt = Annotated[str, typer.Option(help="Device, e.g. cpu or cuda.")]
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _engine(checkpoint: Path | None, dtype: str | None, device: str):
+    from vargpt.engine import Engine
+
+    path = checkpoint or DEFAULT_CHECKPOINT
+    if not path.is_dir():
+        _fail(f"checkpoint {path} does not exist" + ("" if checkpoint else
+              " (no default model is shipped in this checkout yet; pass --checkpoint DIR)"))
+    try:
+        return Engine.load(path, dtype=dtype, device=device)
+    except (OSError, ValueError) as e:
+        _fail(f"cannot load {path}: {e}")
+
+
+def _open_image(path: Path, where: str = ""):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+        return img.convert("RGB")
+    except FileNotFoundError:
+        _fail(f"{where}image {path} not found")
+    except (UnidentifiedImageError, OSError) as e:
+        _fail(f"{where}image {path} is not a readable image ({e})")
+
+
+def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        _fail(f"{path} not found")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            _fail(f"{path}:{n}: malformed JSON ({e.msg})")
+        if not isinstance(row, dict) or any(not isinstance(row.get(f), str) for f in fields):
+            _fail(f"{path}:{n}: expected an object with string fields {', '.join(fields)}")
+        rows.append({**row, "_line": n})
+    return rows
+
+
+def _image_params(seed: int, aspect_ratio: float, cfg: float | None, temperature: float | None):
+    from vargpt.generation.params import ImageParams
+
+    kw = {"seed": seed, "aspect_ratio": aspect_ratio}
+    if cfg is not None:
+        kw["cfg_scale"] = cfg
+    if temperature is not None:
+        kw["temperature"] = temperature
+    try:
+        return ImageParams(**kw)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
+def ask(
+    image: Annotated[Path | None, typer.Argument(help="Image file.")] = None,
+    question: Annotated[str | None, typer.Argument(help="Question about the image.")] = None,
+    questions_file: Annotated[Path | None, typer.Option(help='JSONL of {"image": PATH, "question": TEXT}.')] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Questions per batch (batch form).")] = 16,
+    checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
+) -> None:
+    """Answer a question about an image (or one JSON line per input of --questions-file, in order)."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from vargpt.generation.params import TextParams
+
+    if questions_file is None and (image is None or question is None):
+        _fail("give IMAGE and QUESTION, or --questions-file")
+    engine = _engine(checkpoint, dtype, device)
+    params = TextParams(max_new_tokens=max_new_tokens)
+    if questions_file is None:
+        typer.echo(engine.understand([_open_image(image)], question, params))
+        return
+    rows = _jsonl(questions_file, ("image", "question"))
+    st = engine.config.special_tokens
+    for i in tqdm(range(0, len(rows), batch_size), desc="ask", unit="batch"):
+        chunk = rows[i:i + batch_size]
+        encs = [engine.processor.encode([{"role": "user", "content": [
+            {"type": "image", "image": _open_image(Path(r["image"]), f"{questions_file}:{r['_line']}: ")},
+            {"type": "text", "text": r["question"]}]}]) for r in chunk]
+        for ids in engine.generate_text(encs, params):
+            typer.echo(json.dumps({"answer": engine.processor.decode([t for t in ids if t != st.im_end])}))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output PNG (single form).")] = Path("out.png"),
+    prompts_file: Annotated[Path | None, typer.Option(help="Text file, one prompt per line.")] = None,
+    out_dir: Annotated[Path, typer.Option(help="Folder of NNNNN.png (batch form).")] = Path("out/generate"),
+    n: Annotated[int, typer.Option(help="Images per prompt (single form: OUTPUT-k.png when > 1).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed; item i uses seed + i.")] = 0,
+    aspect_ratio: Annotated[float, typer.Option(help="Height / width (nearest of the 15 templates).")] = 1.0,
+    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Per-bit sampling temperature.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
+) -> None:
+    """Text to image: one prompt to -o OUT.png, or --prompts-file to --out-dir/00000.png, 00001.png, ..."""
+    from tqdm.auto import tqdm
+
+    params = _image_params(seed, aspect_ratio, cfg, temperature)
+    if prompts_file is None and prompt is None:
+        _fail("give PROMPT or --prompts-file")
+    if n < 1:
+        _fail(f"--n {n}: expected >= 1")
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            _fail(f"{prompts_file} not found")
+        prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+        targets = [out_dir / f"{i:05d}.png" for i in range(len(prompts))]
+    else:
+        prompts = [prompt] * n
+        targets = [output] if n == 1 else [output.with_name(f"{output.stem}-{k}{output.suffix}") for k in range(n)]
+    engine = _engine(checkpoint, dtype, device)
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=len(prompts) == 1):
+        imgs = engine.generate_images(prompts[i:i + batch_size], params,
+                                      seeds=[seed + j for j in range(i, min(i + batch_size, len(prompts)))])
+        for img, path in zip(imgs, targets[i:i + batch_size], strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.image.save(path)
+            if prompts_file is None:
+                typer.echo(f"{path} (seed {img.seed}, {img.image.width}x{img.image.height})")
+
+
+@app.command()
+def edit(
+    image: Annotated[Path | None, typer.Argument(help="Source image.")] = None,
+    instruction: Annotated[str | None, typer.Argument(help="Edit instruction.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output PNG (single form).")] = Path("edited.png"),
+    edits_file: Annotated[Path | None, typer.Option(help='JSONL of {"image": PATH, "instruction": TEXT}.')] = None,
+    out_dir: Annotated[Path, typer.Option(help="Folder of NNNNN.png (batch form).")] = Path("out/edit"),
+    seed: Annotated[int, typer.Option(help="Seed; item i uses seed + i.")] = 0,
+    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Per-bit sampling temperature.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Edits per batch.")] = 16,
+    checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
+) -> None:
+    """Edit an image from an instruction (or every line of --edits-file to --out-dir/NNNNN.png)."""
+    from tqdm.auto import tqdm
+
+    params = _image_params(seed, 1.0, cfg, temperature)
+    if edits_file is None and (image is None or instruction is None):
+        _fail("give IMAGE and INSTRUCTION, or --edits-file")
+    engine = _engine(checkpoint, dtype, device)
+    if edits_file is None:
+        img = engine.edit(_open_image(image), instruction, params)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        img.image.save(output)
+        typer.echo(f"{output} (seed {img.seed})")
+        return
+    rows = _jsonl(edits_file, ("image", "instruction"))
+    for i in tqdm(range(0, len(rows), batch_size), desc="edit", unit="batch"):
+        chunk = rows[i:i + batch_size]
+        encs = [engine.processor.encode([{"role": "user", "content": [
+            {"type": "image", "image": _open_image(Path(r["image"]), f"{edits_file}:{r['_line']}: ")},
+            {"type": "text", "text": r["instruction"]}]}]) for r in chunk]
+        imgs = engine.generate_images(encs, params, seeds=[seed + i + k for k in range(len(chunk))])
+        for k, img in enumerate(imgs):
+            path = out_dir / f"{i + k:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.image.save(path)
+
+
 if __name__ == "__main__":
     app()
