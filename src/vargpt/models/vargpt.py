@@ -181,7 +181,8 @@ class VARGPT(nn.Module):
             raise ValueError(f"input_ids hold {int(slots.sum())} <|image_gen_pad|> tokens but {what}")
         if gen_rows_NPC is not None:
             proj = self.gen_proj_in(gen_rows_NPC.to(embeds_BTC.dtype)).flatten(0, 1)
-            embeds_BTC = embeds_BTC.masked_scatter(slots.unsqueeze(-1), proj)
+            # (under autocast the projector returns bf16 while the embedding table stays fp32)
+            embeds_BTC = embeds_BTC.masked_scatter(slots.unsqueeze(-1), proj.to(embeds_BTC.dtype))
         return embeds_BTC
 
     def llm_hidden(
