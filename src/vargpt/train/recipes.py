@@ -53,6 +53,8 @@ class Stage:
     trainable: tuple[str, ...]
     official_stage_id: int | None = None
     note: str = ""
+    # models trained from scratch (the Shapes model) have no pretrained ViT: such a stage may train it
+    train_vit: bool = False
 
 
 _STAGE3 = ("decoder", "gen_proj_in", "gen_proj_out")
@@ -85,10 +87,12 @@ def trainable_names(model: nn.Module, stage: str | Stage) -> list[str]:
         raise ValueError(f"stage {stage.name!r}: {unmatched} match no parameter of {type(model).__name__} "
                          "(apply stages to the VARGPT module itself, before wrapping it)")
     chosen = [n for n in names if _matches(n, stage.trainable)]
-    forbidden = [n for n in chosen if _matches(n, ALWAYS_FROZEN)]
+    frozen = ("vae",) if stage.train_vit else ALWAYS_FROZEN
+    forbidden = [n for n in chosen if _matches(n, frozen)]
     if forbidden:
         raise ValueError(f"stage {stage.name!r} would train {forbidden[:3]}...: the ViT encoder and the VAE are frozen "
-                         "in every stage")
+                         "in every stage (a from-scratch stage may train the ViT with train_vit=True; the VAE is "
+                         "trained on its own, vargpt.train.vae)")
     return chosen
 
 

@@ -1,0 +1,235 @@
+"""The whole VARGPT-v1.1 recipe on the Shapes world, from nothing, on a CPU (``vargpt train shapes --out DIR``).
+
+Phases (SPEC.md §4.2, adapted to a model trained from scratch -- there is no pretrained Qwen2-VL or Infinity, so
+the stages that officially start from pretrained parts also train those parts here; each adaptation is named):
+
+0. data: a training split of understanding, generation and editing records (``vargpt.data.shapes.tasks``), with
+   every held-out evaluation scene excluded;
+1. tokenizer: the BSQ multi-scale VAE on the training images (``vargpt.train.vae``);
+2. stage 1 (generation alignment): projectors + start vector, and -- from scratch -- the visual decoder;
+3. stage 2 (mixed SFT): the LLM + lm_head, and -- from scratch -- the ViT, on all three tasks;
+4. stage 3a: decoder + projectors, generation SFT at the lower resolution (32 px, 2 scales);
+   stage 3b: DPO at 32 px (pairs sampled by the engine, ranked by the Shapes scorer), reference = 3a;
+   stage 3c: generation SFT at the full resolution (64 px, 3 scales); stage 3d: DPO at 64 px, reference = 3c;
+5. editing SFT: decoder + projectors and -- because the LLM never saw an edit in stage 2's small budget -- the LLM.
+
+Every phase runs through the shared loop (``vargpt.train.loop.train``) and writes its final weights; the last one is
+the complete checkpoint directory ``DIR/final`` (config, weights, tokenizer, preprocessor settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vargpt.checkpoint import save_checkpoint
+from vargpt.config import get_preset
+from vargpt.data.collate import DPOCollator, SFTCollator
+from vargpt.data.records import load_records
+from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
+from vargpt.data.shapes.tasks import build_split, eval_scenes
+from vargpt.engine import Engine
+from vargpt.eval.shapes import EVAL_SEED, editing_items, understanding_items
+from vargpt.generation.params import ImageParams
+from vargpt.models.vargpt import VARGPT
+from vargpt.processing.processor import Processor
+from vargpt.processing.tokenizer import char_tokenizer
+from vargpt.train.dpo import DPOStep, build_pairs
+from vargpt.train.loop import TrainConfig, train
+from vargpt.train.recipes import STAGES, Stage, apply_stage
+from vargpt.train.vae import VAETrainConfig, train_vae
+
+__all__ = ["ShapesRunConfig", "SHAPES_STAGES", "shapes_processor", "shapes_reward", "run_shapes"]
+
+LOW_RES, FULL_RES = "first-2", "first-3"  # 32 px (1, 2) and 64 px (1, 2, 4)
+
+SHAPES_STAGES: dict[str, Stage] = {
+    "stage1": Stage(name="shapes-stage1", trainable=("gen_proj_in", "gen_proj_out", "decoder"),
+                    note="stage 1 + the decoder (no pretrained Infinity to start from)"),
+    "stage2": Stage(name="shapes-stage2", trainable=("backbone.model.language_model", "backbone.lm_head",
+                                                     "backbone.model.visual"), train_vit=True,
+                    note="stage 2 + the ViT (no pretrained Qwen2-VL vision tower)"),
+    "stage3": STAGES["stage3"],
+    "edit": Stage(name="shapes-edit", trainable=("decoder", "gen_proj_in", "gen_proj_out",
+                                                 "backbone.model.language_model"),
+                  note="edit SFT with the LLM trainable (it must read the instruction against the source image)"),
+}
+
+
+@dataclass(kw_only=True)
+class ShapesRunConfig:
+    """Sizes and step counts of the Shapes run (defaults: the shipped model; ``quick()`` for a smoke run)."""
+
+    seed: int = 0
+    n_understanding: int = 6000
+    n_generation: int = 6000
+    n_editing: int = 3000
+    vae_steps: int = 600
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    stage1_steps: int = 300
+    stage2_steps: int = 1200
+    stage3a_steps: int = 200
+    stage3c_steps: int = 600
+    dpo_steps: int = 40
+    edit_steps: int = 500
+    batch_size: int = 16
+    lr: float = 1e-3
+    dpo_lr: float = 1e-5
+    dpo_beta: float = 0.1
+    dpo_prompts: int = 160
+    dpo_candidates: int = 4
+    prompt_drop_rate: float = 0.1
+
+    @classmethod
+    def quick(cls) -> ShapesRunConfig:
+        """A few minutes end to end: checks the mechanics, not the quality."""
+        return cls(n_understanding=64, n_generation=64, n_editing=32, vae_steps=20, vae_batch=8, stage1_steps=4,
+                   stage2_steps=4, stage3a_steps=3, stage3c_steps=3, dpo_steps=2, edit_steps=3, batch_size=4,
+                   dpo_prompts=4, dpo_candidates=2)
+
+
+def shapes_processor(cfg) -> Processor:
+    """Character tokenizer; 64 px images are shown to the ViT at 112 x 112 (an 8 x 8 patch grid, 16 LLM tokens)."""
+    return Processor(cfg, char_tokenizer(cfg.special_tokens, cfg.text.vocab_size), min_pixels=112 * 112,
+                     max_pixels=112 * 112)
+
+
+def shapes_reward(prompt: str, image) -> float:
+    """DPO ranking: 1 for a pass (SHAPES.md rules), plus partial credit for the right number and kinds of shapes."""
+    from vargpt.data.shapes.grammar import scene_for_prompt
+
+    p = parse_gen_prompt(prompt)
+    objs = read_image(image if image.size == (64, 64) else image.resize((64, 64), 0))
+    want = scene_for_prompt(random.Random(0), p)
+    score = float(check_gen(p, objs))
+    score += 0.25 * (len(objs) == len(want.objects))
+    got = sorted(o.shape for o in objs)
+    need = sorted(o.shape for o in want.objects)
+    common = sum(min(got.count(s), need.count(s)) for s in set(need))
+    return score + 0.25 * common / max(len(need), len(got), 1)
+
+
+def _log(out: Path, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(out / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def _set_schedule(model: VARGPT, schedule: str) -> None:
+    model.config = dataclasses.replace(model.config, gen_schedule=schedule)
+
+
+def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConfig, out: Path, name: str,
+         lr: float | None = None) -> list[float]:
+    apply_stage(model, stage)
+    gen = torch.Generator().manual_seed(run.seed + zlib.crc32(name.encode()) % 1000)
+    collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
+    cfg = TrainConfig(lr=lr or run.lr, max_steps=steps, batch_size=run.batch_size, warmup_ratio=0.05,
+                      seed=run.seed, out_dir=str(out / name), log_every=max(1, steps // 20))
+    result = train(model, records, collate, cfg)
+    return result.losses
+
+
+def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int) -> list[float]:
+    engine = Engine(model.eval(), processor)
+    rng = random.Random(run.seed + round_seed)
+    prompts = [sample_gen_prompt(rng, GEN_CATEGORIES[i % len(GEN_CATEGORIES)]).text for i in range(run.dpo_prompts)]
+    pairs = build_pairs(engine, prompts, n_candidates=run.dpo_candidates, reward_fn=shapes_reward,
+                        params=ImageParams(seed=round_seed), out_dir=out / name / "pairs", seed=round_seed)
+    records = load_records(pairs, kind="dpo").records
+    if not records:
+        _log(out, f"{name}: every prompt tied (no pair); DPO skipped")
+        return []
+    reference = VARGPT(model.config)
+    reference.load_state_dict(model.state_dict())
+    reference.eval().requires_grad_(False)
+    apply_stage(model, STAGES["dpo"])
+    step = DPOStep(reference, beta=run.dpo_beta, seed=run.seed)
+    collate = DPOCollator(model.config, processor, crop="center")
+    cfg = TrainConfig(lr=run.dpo_lr, max_steps=run.dpo_steps, batch_size=max(1, run.batch_size // 4),
+                      warmup_ratio=0.1, seed=run.seed, out_dir=str(out / name), log_every=1)
+    _log(out, f"{name}: {len(records)} preference pairs from {len(prompts)} prompts")
+    return train(model.train(), records, collate, cfg, step_fn=step).losses
+
+
+def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
+    """Train the Shapes model from nothing into ``out_dir``; returns ``out_dir/final``."""
+    run = run or ShapesRunConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
+    torch.manual_seed(run.seed)
+
+    # 0. data (held-out evaluation scenes excluded)
+    held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in editing_items()]
+    held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
+    split = build_split(out / "data", seed=run.seed + 1, n_understanding=run.n_understanding,
+                        n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out)
+    und = load_records(split.understanding).records
+    gen = load_records(split.generation).records
+    edi = load_records(split.editing).records
+    _log(out, f"data: {len(und)} understanding, {len(gen)} generation, {len(edi)} editing records")
+
+    cfg = get_preset("shapes")
+    model = VARGPT(cfg)
+    processor = shapes_processor(cfg)
+
+    # 1. tokenizer
+    from PIL import Image
+
+    images = [Image.open(out / "data" / r["images"][0]).convert("RGB")
+              for r in map(json.loads, split.generation.read_text().splitlines())]
+    losses = train_vae(model.vae, images, VAETrainConfig(steps=run.vae_steps, batch_size=run.vae_batch,
+                                                         lr=run.vae_lr))
+    model.vae.eval().requires_grad_(False)
+    _log(out, f"tokenizer: {run.vae_steps} steps, recon {losses[0]['recon']:.4f} -> {losses[-1]['recon']:.4f}")
+
+    # 2. stage 1, 3. stage 2
+    _set_schedule(model, FULL_RES)
+    phases = [("stage1", SHAPES_STAGES["stage1"], gen, run.stage1_steps),
+              ("stage2", SHAPES_STAGES["stage2"], und + gen + edi, run.stage2_steps)]
+    for name, stage, recs, steps in phases:
+        losses = _sft(model, processor, recs, stage, steps, run, out, name)
+        _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+
+    # 4. stage 3: low resolution, DPO, full resolution, DPO
+    for name, schedule, steps, dpo_seed in (("stage3a", LOW_RES, run.stage3a_steps, 101),
+                                            ("stage3c", FULL_RES, run.stage3c_steps, 303)):
+        _set_schedule(model, schedule)
+        losses = _sft(model, processor, gen, SHAPES_STAGES["stage3"], steps, run, out, name)
+        _log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
+                  f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        dpo_name = {"stage3a": "stage3b", "stage3c": "stage3d"}[name]
+        if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
+            _save(model, processor, out / "pre_dpo")
+        losses = _dpo(model, processor, run, out, dpo_name, dpo_seed)
+        if losses:
+            _log(out, f"{dpo_name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+    # 5. editing
+    _set_schedule(model, FULL_RES)
+    losses = _sft(model, processor, edi + gen[: len(edi)], SHAPES_STAGES["edit"], run.edit_steps, run, out, "edit")
+    _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+
+    final = _save(model, processor, out / "final")
+    _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
+    return final
+
+
+def _save(model: VARGPT, processor: Processor, path: Path) -> Path:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    save_checkpoint(model, path)
+    processor.save(path)
+    return path
