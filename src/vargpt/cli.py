@@ -243,5 +243,67 @@ def edit(
             img.image.save(path)
 
 
+# ------------------------------------------------------------------------------------------------------ training
+@app.command("train")
+def train_cmd(
+    recipe: Annotated[str, typer.Argument(help="stage1, stage2, stage3a-d, edit (vargpt.train.RECIPES) or vae.")],
+    data: Annotated[list[Path], typer.Option("--data", help="Records file (.json/.jsonl); repeatable.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, log.jsonl, final/.")],
+    config: Annotated[Path | None, typer.Option("--config", help="Settings file (.json, or .yaml with PyYAML).")]
+    = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Starting checkpoint directory.")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="Start from a fresh preset (small vocabularies).")]
+    = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="Training checkpoint to continue, or 'latest'.")]
+    = None,
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="DPO reference checkpoint (default: the starting weights).")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters; merged before the final save.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (and count them).")] = False,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (overrides the config).")]
+    = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE: a TrainConfig field or data./dpo./lora./vae. field; repeatable.")] = None,
+    gen_schedule: Annotated[str | None, typer.Option(
+        "--gen-schedule", help="Generation schedule (default: the recipe's, e.g. 0.06M).")] = None,
+) -> None:
+    """Train a recipe on record files and save a complete checkpoint to OUT/final (docs/training.md)."""
+    from vargpt.train.cli import TrainCommandError, run_train
+
+    try:
+        run_train(recipe, data=data, out=out, config=config, init=init, preset=preset, resume=resume,
+                  reference=reference, lora=lora, skip_bad=skip_bad, max_steps=max_steps, sets=set_ or [],
+                  gen_schedule=gen_schedule, echo=typer.echo)
+    except TrainCommandError as e:
+        _fail(str(e))
+
+
+# --------------------------------------------------------------------------------------------------------- serving
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="VARGPT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most images in one batched generation call.")] = 8,
+    checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
+) -> None:
+    """Serve the model over an OpenAI-style HTTP API (/v1/chat/completions, /v1/images/generations,
+    /v1/images/edits, /v1/models, /health)."""
+    try:
+        import uvicorn
+
+        from vargpt.serve import Limits, create_app
+    except ImportError as e:
+        _fail(f"serving needs the serve extra ({e.name} is missing): pip install 'vargpt[serve]'")
+    if max_batch < 1:
+        _fail(f"--max-batch {max_batch}: expected >= 1")
+    engine = _engine(checkpoint, dtype, device)
+    model_id = (checkpoint or DEFAULT_CHECKPOINT).resolve().name
+    app_ = create_app(engine, api_key=api_key, limits=Limits(max_batch=max_batch), model_id=model_id)
+    typer.echo(f"serving {model_id} on http://{host}:{port}" + (" (API key required)" if api_key else ""))
+    uvicorn.run(app_, host=host, port=port)
+
+
 if __name__ == "__main__":
     app()
