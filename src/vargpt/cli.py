@@ -246,9 +246,11 @@ def edit(
 # ------------------------------------------------------------------------------------------------------ training
 @app.command("train")
 def train_cmd(
-    recipe: Annotated[str, typer.Argument(help="stage1, stage2, stage3a-d, edit (vargpt.train.RECIPES) or vae.")],
-    data: Annotated[list[Path], typer.Option("--data", help="Records file (.json/.jsonl); repeatable.")],
+    recipe: Annotated[str, typer.Argument(
+        help="stage1, stage2, stage3a-d, edit (vargpt.train.RECIPES), vae, or shapes (the whole Shapes model).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, log.jsonl, final/.")],
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Records file (.json/.jsonl); repeatable.")]
+    = None,
     config: Annotated[Path | None, typer.Option("--config", help="Settings file (.json, or .yaml with PyYAML).")]
     = None,
     init: Annotated[Path | None, typer.Option("--init", help="Starting checkpoint directory.")] = None,
@@ -266,8 +268,24 @@ def train_cmd(
         "--set", help="KEY=VALUE: a TrainConfig field or data./dpo./lora./vae. field; repeatable.")] = None,
     gen_schedule: Annotated[str | None, typer.Option(
         "--gen-schedule", help="Generation schedule (default: the recipe's, e.g. 0.06M).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="shapes: a few-minute run that checks the mechanics.")]
+    = False,
 ) -> None:
-    """Train a recipe on record files and save a complete checkpoint to OUT/final (docs/training.md)."""
+    """Train a recipe on record files and save a complete checkpoint to OUT/final (docs/training.md).
+
+    `vargpt train shapes --out DIR` runs the whole Shapes recipe from nothing (vargpt.train.shapes)."""
+    if recipe == "shapes":
+        from vargpt.train.shapes import ShapesRunConfig, run_shapes
+
+        if data:
+            _fail("the shapes recipe renders its own data; drop --data")
+        if out.exists() and any(out.iterdir()):
+            _fail(f"{out} is not empty; the shapes recipe needs a fresh folder")
+        final = run_shapes(out, ShapesRunConfig.quick() if quick else ShapesRunConfig())
+        typer.echo(f"checkpoint: {final}")
+        return
+    if not data:
+        _fail("give at least one --data FILE")
     from vargpt.train.cli import TrainCommandError, run_train
 
     try:
@@ -303,6 +321,33 @@ def serve(
     app_ = create_app(engine, api_key=api_key, limits=Limits(max_batch=max_batch), model_id=model_id)
     typer.echo(f"serving {model_id} on http://{host}:{port}" + (" (API key required)" if api_key else ""))
     uvicorn.run(app_, host=host, port=port)
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+@app.command("eval")
+def eval_cmd(
+    world: Annotated[str, typer.Argument(help="Benchmark family: shapes.")],
+    suite: Annotated[str, typer.Option(help="understanding, generation, editing or all.")] = "all",
+    out: Annotated[Path, typer.Option(help="Folder for <suite>.json, <suite>.md and <suite>_grid.png.")]
+    = Path("out/eval"),
+    limit: Annotated[int | None, typer.Option(help="Items per category (quick checks; default: the full suite).")]
+    = None,
+    batch_size: Annotated[int, typer.Option(help="Items per engine call.")] = 32,
+    checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
+) -> None:
+    """Score a checkpoint on the held-out Shapes suites (fixed seeds): per-category and overall scores."""
+    if world != "shapes":
+        _fail(f"unknown benchmark {world!r}; expected 'shapes'")
+    from vargpt.eval.shapes import SUITES, run_suite
+
+    suites = SUITES if suite == "all" else (suite,)
+    if any(s not in SUITES for s in suites):
+        _fail(f"--suite {suite}: expected one of {', '.join(SUITES)} or all")
+    engine = _engine(checkpoint, dtype, device)
+    for name in suites:
+        result = run_suite(engine, name, batch_size=batch_size, limit=limit, out_dir=out)
+        typer.echo(f"\n{result.to_markdown()}")
+    typer.echo(f"\nresults in {out}")
 
 
 if __name__ == "__main__":

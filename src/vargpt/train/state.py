@@ -313,6 +313,14 @@ def load_training_checkpoint(path: str | Path, *, model, optimizer, scheduler, t
     if opt_file.is_file():
         optimizer.load_state_dict(torch.load(opt_file, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    # The optimizer restores each group's lr from the old run; recompute it from *this* run's schedule so that a
+    # run extended with a larger max_steps continues on the new curve (identical when nothing changed).
+    if hasattr(scheduler, "lr_lambdas") and hasattr(scheduler, "base_lrs"):
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                                  strict=True)]
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
     return state
 
 
