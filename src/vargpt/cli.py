@@ -323,6 +323,51 @@ def serve(
     uvicorn.run(app_, host=host, port=port)
 
 
+# ------------------------------------------------------------------------------------------------------ conversion
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Checkpoint directory to convert (official layout or ours).")],
+    dst: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+    to: Annotated[str, typer.Option(help="Target layout: ours or official.")] = "ours",
+    layout_from: Annotated[Path | None, typer.Option(
+        help="to=official: an official directory whose config.json gives the layout (block chunks, start-table "
+             "rows, HF config); default: SRC itself when it is official.")] = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Convert between the official VARGPT-v1.1 checkpoint layout and ours (tokenizer files are copied)."""
+    import shutil
+
+    from vargpt.checkpoint import load_model, save_checkpoint, save_official
+    from vargpt.engine import parse_dtype
+    from vargpt.models.official import is_official_checkpoint, read_official_config
+
+    if to not in ("ours", "official"):
+        _fail(f"--to {to}: expected ours or official")
+    if not src.is_dir():
+        _fail(f"{src} is not a checkpoint directory")
+    if dst.exists():
+        _fail(f"{dst} already exists")
+    try:
+        model = load_model(src, dtype=parse_dtype(dtype))
+    except (OSError, ValueError, KeyError) as e:
+        _fail(f"cannot load {src}: {e}")
+    if to == "ours":
+        save_checkpoint(model, dst)
+    else:
+        layout_dir = layout_from or (src if is_official_checkpoint(src) else None)
+        if layout_dir is None:
+            _fail("--to official needs --layout-from OFFICIAL_DIR (our config does not record the official layout)")
+        cfg, layout = read_official_config(layout_dir)
+        if cfg.to_dict() != model.config.to_dict():
+            _fail(f"{layout_dir}'s configuration does not describe {src}'s model")
+        save_official(model, layout, dst)
+    for f in src.iterdir():  # tokenizer, chat template, preprocessor settings
+        if f.is_file() and f.name not in ("config.json", "model.safetensors", "model.safetensors.index.json") and \
+                not f.name.startswith("model-"):
+            shutil.copy2(f, dst / f.name)
+    typer.echo(f"{src} -> {dst} ({to} layout)")
+
+
 # ------------------------------------------------------------------------------------------------------ evaluation
 @app.command("eval")
 def eval_cmd(

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -90,3 +91,26 @@ def test_malformed_jsonl_names_the_line(ckpt, tmp_path) -> None:
 def test_missing_checkpoint(tmp_path) -> None:
     r = runner.invoke(app, ["generate", "x", "--checkpoint", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_convert_round_trip_keeps_every_live_weight(tmp_path) -> None:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from vargpt.models.official import official_to_ours, read_official_config
+
+    fixture = sorted(p for p in (Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "parity").iterdir()
+                     if p.name.startswith("tiny_"))[0]
+    r1 = runner.invoke(app, ["convert", str(fixture), str(tmp_path / "ours")])
+    r2 = runner.invoke(app, ["convert", str(tmp_path / "ours"), str(tmp_path / "off"), "--to", "official",
+                             "--layout-from", str(fixture)])
+    assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)
+    a, b = load_file(str(fixture / "model.safetensors")), load_file(str(tmp_path / "off" / "model.safetensors"))
+    assert set(a) == set(b)
+    cfg, layout = read_official_config(fixture)
+    live_a, _ = official_to_ours(a, cfg, layout)
+    live_b, _ = official_to_ours(b, cfg, layout)
+    assert all(torch.equal(live_a[k], live_b[k]) for k in live_a)
+    r3 = runner.invoke(app, ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "official"])
+    assert r3.exit_code == 2 and "--layout-from" in r3.output
