@@ -39,7 +39,7 @@ from vargpt.generation.params import ImageParams, TextParams
 __all__ = ["SUITES", "SuiteResult", "generation_items", "understanding_items", "editing_items", "run_suite",
            "EVAL_SEED"]
 
-SUITES = ("understanding", "generation", "editing")
+SUITES = ("understanding", "generation", "editing", "tokenizer")
 EVAL_SEED = 20261126  # the held-out scenes and prompts; training splits must use other seeds
 GEN_REPLY = "Here is {p}."
 EDIT_REPLY = "Here is the edited image."
@@ -116,6 +116,8 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
         raise ValueError(f"suite={suite!r}: expected one of {SUITES} (or 'all' on the command line)")
     params = params or ImageParams()
     proc = engine.processor
+    if suite == "tokenizer":
+        return _tokenizer_suite(engine, limit=limit, batch_size=batch_size, out_dir=out_dir)
     if suite == "generation":
         items = generation_items()
     elif suite == "understanding":
@@ -161,6 +163,39 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
                 it["pass"] = frozenset(o.key() for o in read_image(_fit(img.image))) == it["target"].key()
     scores, counts = _score(items)
     result = SuiteResult(suite, scores, counts, items)
+    if out_dir is not None:
+        write_result(result, out_dir)
+    return result
+
+
+def _tokenizer_suite(engine: Engine, *, limit: int | None, batch_size: int, out_dir) -> SuiteResult:
+    """VAE round trip of 500 held-out scenes: encode, multi-scale BSQ over the generation schedule, decode, read back;
+    a scene passes when the scorer reads exactly the same scene (category = number of objects)."""
+    import torch
+
+    from vargpt.models.vae import decode_bits, multiscale_encode
+    from vargpt.models.vae.schedules import get_schedule
+    from vargpt.processing.image import from_pil, to_pil
+
+    model = engine.model
+    schedule = get_schedule(1.0, model.config.gen_schedule)
+    scenes = eval_scenes(EVAL_SEED + 7, 500)
+    if limit:
+        scenes = scenes[: 3 * limit]
+    items = [{"scene": s, "category": f"{len(s.objects)} object(s)"} for s in scenes]
+    vae = model.vae
+    dtype = next(vae.parameters()).dtype
+    with torch.no_grad():
+        for chunk in _batches(items, batch_size, "tokenizer"):
+            x = from_pil([render(it["scene"]) for it in chunk]).to(engine.device)
+            f = vae.encode(x)
+            bits, _ = multiscale_encode(f, schedule)
+            recon = vae.decode(decode_bits(bits, schedule).to(dtype)).float()
+            for it, img in zip(chunk, to_pil(recon), strict=True):
+                it["image"] = img
+                it["pass"] = frozenset(o.key() for o in read_image(_fit(img))) == it["scene"].key()
+    scores, counts = _score(items)
+    result = SuiteResult("tokenizer", scores, counts, items)
     if out_dir is not None:
         write_result(result, out_dir)
     return result
