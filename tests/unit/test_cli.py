@@ -114,3 +114,13 @@ def test_convert_round_trip_keeps_every_live_weight(tmp_path) -> None:
     assert all(torch.equal(live_a[k], live_b[k]) for k in live_a)
     r3 = runner.invoke(app, ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "official"])
     assert r3.exit_code == 2 and "--layout-from" in r3.output
+
+
+def test_demo_writes_a_gallery(ckpt, tmp_path) -> None:
+    r = run(["demo", "--out", str(tmp_path / "demo"), "--n", "2"], ckpt)
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "demo" / "index.html").read_text()
+    for section in ("understanding", "generation", "editing"):
+        assert f"<h2>{section}</h2>" in page
+    srcs = [part.split('"')[0] for part in page.split('src="')[1:]]
+    assert len(srcs) == 2 * 1 + 2 + 3 * 2 and all((tmp_path / "demo" / s).is_file() for s in srcs)
