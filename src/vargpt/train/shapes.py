@@ -218,7 +218,10 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
 
     # 5. editing
     _set_schedule(model, FULL_RES)
-    losses = _sft(model, processor, edi + gen[: len(edi)], SHAPES_STAGES["edit"], run.edit_steps, run, out, "edit")
+    # the LLM trains here too, so understanding records stay in the mix (the first run trained on edits and
+    # generation only and its answers collapsed into edit replies, EVAL.md)
+    mix = edi + gen[: len(edi)] + und[: len(edi)]
+    losses = _sft(model, processor, mix, SHAPES_STAGES["edit"], run.edit_steps, run, out, "edit")
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
 
     final = _save(model, processor, out / "final")
