@@ -215,6 +215,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         losses = _dpo(model, processor, run, out, dpo_name, dpo_seed)
         if losses:
             _log(out, f"{dpo_name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        if name == "stage3c":  # ... and the one right after DPO (DPO gain = post_dpo - pre_dpo, same seeds)
+            _save(model, processor, out / "post_dpo")
 
     # 5. editing
     _set_schedule(model, FULL_RES)
