@@ -323,6 +323,63 @@ def serve(
     uvicorn.run(app_, host=host, port=port)
 
 
+# ------------------------------------------------------------------------------------------------------------ chat
+@app.command()
+def chat(
+    out_dir: Annotated[Path, typer.Option(help="Folder for the images the model draws.")] = Path("out/chat"),
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (text tokens).")] = 256,
+    temperature: Annotated[float, typer.Option(help="Text sampling temperature (0 = greedy).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the text and image samplers (turn k uses seed + k).")] = 0,
+    checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
+) -> None:
+    """Interactive multi-turn chat. `/image PATH` attaches an image to the next message; `/quit` ends."""
+    from vargpt.engine import ImageDone, TextDelta
+    from vargpt.generation.params import ImageParams, TextParams
+
+    engine = _engine(checkpoint, dtype, device)
+    messages: list[dict] = []
+    pending: list = []
+    turn = 0
+    typer.echo("chat: type a message; /image PATH attaches an image; /quit ends")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/image "):
+            path = Path(line[len("/image "):].strip())
+            try:
+                pending.append(_open_image(path))
+            except typer.Exit:  # keep the session alive on a bad path
+                continue
+            typer.echo(f"(attached {path})")
+            continue
+        content = [{"type": "image", "image": im} for im in pending] + [{"type": "text", "text": line}]
+        messages.append({"role": "user", "content": content})
+        pending = []
+        typer.echo("model> ", nl=False)
+        result = None
+        for ev in engine.stream(messages, TextParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                     seed=seed + turn), ImageParams(seed=seed + turn),
+                                previews=False):
+            if isinstance(ev, TextDelta):
+                typer.echo(ev.text, nl=False)
+            elif isinstance(ev, ImageDone):
+                out_dir.mkdir(parents=True, exist_ok=True)
+                path = out_dir / f"turn{turn:03d}_{ev.image.seed}.png"
+                ev.image.image.save(path)
+                typer.echo(f" [image: {path}] ", nl=False)
+            else:
+                result = ev.result
+        typer.echo("")
+        messages.append(result.message)
+        turn += 1
+
+
 # ------------------------------------------------------------------------------------------------------------ demo
 @app.command()
 def demo(

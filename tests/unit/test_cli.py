@@ -124,3 +124,12 @@ def test_demo_writes_a_gallery(ckpt, tmp_path) -> None:
         assert f"<h2>{section}</h2>" in page
     srcs = [part.split('"')[0] for part in page.split('src="')[1:]]
     assert len(srcs) == 2 * 1 + 2 + 3 * 2 and all((tmp_path / "demo" / s).is_file() for s in srcs)
+
+
+def test_interactive_chat_keeps_the_conversation(ckpt, tmp_path) -> None:
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "a.png")
+    script = f"/image {tmp_path / 'a.png'}\nwhat is this?\n/image {tmp_path / 'missing.png'}\nand now?\n/quit\n"
+    r = runner.invoke(app, ["chat", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--out-dir",
+                            str(tmp_path / "c")], input=script)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("model> ") == 2 and "(attached" in r.output and "missing.png not found" in r.output
