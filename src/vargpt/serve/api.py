@@ -26,6 +26,10 @@ Routes (those under ``/v1`` need ``Authorization: Bearer KEY`` when the app has 
     ``multipart/form-data`` with an ``image`` file and the same fields as form fields, or JSON with ``image`` as
     a data URL; same answer. Without size/aspect_ratio the source image's aspect ratio is kept.
 ``GET /v1/models`` (the one loaded model) and ``GET /health`` (no key needed).
+``GET /``
+    A small web page (``serve/static/index.html``, no key needed to load it) over the routes above: chat with an
+    image upload, streamed generation with the coarse-to-fine previews, and editing an uploaded image. It shows an
+    API-key field when the app has a key.
 
 Errors: ``{"error": {"message", "type", "param", "code"}}`` with 400 (invalid values, limits), 401 (key),
 413 (body size), 503 (queue full). Every model call runs on one worker thread (``serve.queue``).
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import json
 import logging
 import queue
@@ -45,7 +50,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,6 +84,12 @@ DEFAULT_LIMITS = Limits()
 
 class _ClientGone(Exception):
     pass
+
+
+def web_page(needs_key: bool) -> str:
+    """The web page served at ``/`` (``static/index.html``, shipped as package data)."""
+    html = importlib.resources.files("vargpt.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    return html.replace("__NEEDS_KEY__", "true" if needs_key else "false")
 
 
 # ----------------------------------------------------------------------------------------------------- app
@@ -144,6 +155,12 @@ def create_app(engine, *, api_key: str | None = None, limits: Limits = DEFAULT_L
             raise ApiError(400, f"n={n}: the limit is {limits.max_n} images per request", "n")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    page = web_page(api_key is not None)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health():
