@@ -32,13 +32,7 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from intra-op threads, and a busy second core makes OpenMP spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

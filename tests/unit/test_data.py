@@ -28,12 +28,7 @@ from .helpers import tiny_model
 S, L = 64, 21  # tiny preset: "first-3" schedule (1x1, 2x2, 4x4) -> 64 px targets, 21 decoder tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from vargpt.train.dpo import DPOStep, bit_logps, build_pairs, dpo_loss, image_lo
 
 from .helpers import gen_sample, pad_batch, random_images, tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dpo_batch(model, num_pairs: int = 2, seed: int = 0) -> dict:

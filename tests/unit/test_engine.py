@@ -46,13 +46,7 @@ def _engine(**overrides) -> Engine:
     return Engine(model, Processor(cfg, char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from intra-op threads, and a busy second core makes OpenMP spin (100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

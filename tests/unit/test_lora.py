@@ -22,13 +22,7 @@ from vargpt.train.lora import (
 
 from .helpers import gen_sample, pad_batch, random_images, tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(model) -> dict:

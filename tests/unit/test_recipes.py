@@ -14,13 +14,7 @@ from vargpt.train import RECIPES, STAGES, Recipe, Stage, TrainConfig, apply_stag
 
 from .helpers import gen_sample, pad_batch, random_images, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Written out independently of vargpt.train.recipes (SPEC §4.2 table, translated to our module names).

@@ -6,20 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from vargpt.cli import app
 from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_shapes_run_end_to_end(tmp_path) -> None:

@@ -33,12 +33,7 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 190, 40), 
 FAST = ["--preset", "tiny", "--gen-schedule", "first-3", "--set", "mixed_precision=no"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path, records) -> str:

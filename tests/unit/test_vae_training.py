@@ -18,12 +18,7 @@ from vargpt.train.vae import VAELoss, VAETrainConfig, bsq_entropies, multiscale_
 SCHEDULE = ((1, 1), (2, 2), (4, 4))  # the tiny preset's generation schedule (64 px images, 4x4 latent)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shapes(n: int, seed: int = 0) -> list[Image.Image]:
