@@ -13,12 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+import openai  # the test extra installs it: a missing client is a failure, not a skip
 import pytest
 import torch
-from PIL import Image
-
-import openai  # the test extra installs it: a missing client is a failure, not a skip
 import uvicorn
+from PIL import Image
 
 from vargpt.config import get_preset
 from vargpt.engine import Engine
@@ -80,8 +79,9 @@ def base_url(engine) -> str:
     """``http://127.0.0.1:PORT/v1`` of the app (no API key, like ``vargpt serve`` without ``--api-key``), served by
     uvicorn on a background thread."""
     port = free_port()
-    config = uvicorn.Config(create_app(engine, model_id=MODEL_ID), host="127.0.0.1", port=port,
-                            log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        create_app(engine, model_id=MODEL_ID), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -132,8 +132,20 @@ def test_models_list(client) -> None:
 
 def test_chat_equals_the_engine(client, engine) -> None:
     photo = source_image(48, 32)
-    kw = dict(model=MODEL_ID, max_tokens=16, seed=3, messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(photo)}}, {"type": "text", "text": "What is this?"}]}])
+    kw = dict(
+        model=MODEL_ID,
+        max_tokens=16,
+        seed=3,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(photo)}},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ],
+    )
     resp = client.chat.completions.create(**kw)
     direct = engine_chat(engine, photo, "What is this?", 16, 3)
     content = resp.choices[0].message.content

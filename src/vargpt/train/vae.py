@@ -13,7 +13,8 @@ Per batch of images x in [-1, 1]:
    in bits (tested); the gradient reaches the encoder through every scale's z_k.
 3. x_hat = decoder(quantised latent) (not clamped, so the loss sees out-of-range pixels).
 
-Loss = l1_weight |x_hat - x| + l2_weight (x_hat - x)^2 (means over pixels)
+Loss = l1_weight |x_hat - x| + l2_weight (x_hat - x)^2 (means over pixels; pixels away from the background weigh
+       1 + foreground_weight)
      + commit_weight mean_k ||z_k - sg(q_k)||^2 (mean over elements)
      + entropy_weight (per_sample_entropy_weight H_sample - codebook_entropy_weight H_codebook) / inv_temperature,
 
@@ -58,6 +59,7 @@ class VAETrainConfig:
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine": linear warm-up over 5 % of the steps, then cosine decay to 0
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -69,6 +71,13 @@ class VAETrainConfig:
     codebook_entropy_weight: float = 1.0  # gamma
     inv_temperature: float = 100.0
     multiscale: bool = True  # residual BSQ over the generation schedule of the latent grid; False = one scale
+    # extra weight of the pixel loss on pixels whose target is not the background colour (0 = plain means). Small
+    # objects on a flat background (the Shapes world) otherwise lose their colour: the mean colour is a cheap optimum.
+    foreground_weight: float = 0.0
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # in [-1, 1]; white
+    # the first n steps train a continuous autoencoder (the decoder sees the normalised latents, no sign), so that
+    # the encoder lays the information out in the latent's directions before the binary bottleneck is switched on
+    continuous_warmup_steps: int = 0
     image_size: int | None = None  # PIL inputs are resized to image_size x image_size (None: used as they are)
     log_every: int = 0  # log every n steps (0 = never)
 
@@ -78,9 +87,15 @@ class VAETrainConfig:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.inv_temperature <= 0:
             raise ValueError(f"inv_temperature must be > 0, got {self.inv_temperature}")
-        for name in ("l1_weight", "l2_weight", "commit_weight", "entropy_weight", "max_grad_norm"):
+        self.background = tuple(self.background)
+        if self.continuous_warmup_steps < 0:
+            raise ValueError(f"continuous_warmup_steps must be >= 0, got {self.continuous_warmup_steps}")
+        for name in ("l1_weight", "l2_weight", "commit_weight", "entropy_weight", "max_grad_norm",
+                     "foreground_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -121,13 +136,15 @@ def bsq_entropies(z_Bdhw: Tensor, inv_temperature: float) -> tuple[Tensor, Tenso
     return per_sample, codebook
 
 
-def multiscale_quantize_ste(f_BdHW: Tensor, schedule: Sequence[HW], inv_temperature: float = 100.0
-                            ) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
+def multiscale_quantize_ste(f_BdHW: Tensor, schedule: Sequence[HW], inv_temperature: float = 100.0,
+                            hard: bool = True) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
     """Multi-scale residual BSQ with straight-through gradients (``multiscale_encode`` plus gradients and losses).
 
     Args:
         f_BdHW: (B, d, H, W) raw encoder output; (H, W) = the last scale.
         schedule: ((h_0, w_0), ..., (H, W)).
+        hard: False = continuous (warm-up): every scale passes its normalised residual z_k instead of the codes
+            (the bits returned are still z_k's signs).
 
     Returns:
         summed_BdHW: the quantised latent (forward value = ``multiscale_encode(f)[1]``), differentiable.
@@ -147,6 +164,8 @@ def multiscale_quantize_ste(f_BdHW: Tensor, schedule: Sequence[HW], inv_temperat
         x_Bdhw = residual_BdHW if full else F.interpolate(residual_BdHW.unsqueeze(2), size=(1, *hw),
                                                           mode="area").squeeze(2)
         q_Bdhw, z_Bdhw, bits_Bld = bsq_quantize_ste(x_Bdhw)
+        if not hard:
+            q_Bdhw = z_Bdhw
         up_BdHW = q_Bdhw if full else F.interpolate(q_Bdhw.unsqueeze(2), size=(1, *HW_full),
                                                     mode="trilinear").squeeze(2)
         residual_BdHW = residual_BdHW - up_BdHW.detach()
@@ -170,6 +189,7 @@ class VAELoss(nn.Module):
         super().__init__()
         self.vae = vae
         self.config = config
+        self.hard = True  # False during ``continuous_warmup_steps`` (set by ``train_vae``)
 
     def schedule(self, h: int, w: int) -> tuple[HW, ...]:
         return schedule_for_latent(h, w)[0] if self.config.multiscale else ((h, w),)
@@ -178,10 +198,16 @@ class VAELoss(nn.Module):
         cfg = self.config
         f_BdHW = self.vae.encoder(img_B3HW)
         summed_BdHW, q_losses, _ = multiscale_quantize_ste(f_BdHW, self.schedule(*f_BdHW.shape[-2:]),
-                                                           cfg.inv_temperature)
+                                                           cfg.inv_temperature, hard=self.hard)
         recon_B3HW = self.vae.decoder(summed_BdHW.to(f_BdHW.dtype))
         err = recon_B3HW.float() - img_B3HW.float()
-        l1, l2 = err.abs().mean(), err.pow(2).mean()
+        if cfg.foreground_weight:
+            bg = img_B3HW.new_tensor(cfg.background).view(1, 3, 1, 1).float()
+            fg_B1HW = ((img_B3HW.float() - bg).abs().amax(1, keepdim=True) > 0.1).float()
+            w_B1HW = 1 + cfg.foreground_weight * fg_B1HW
+            l1, l2 = (w_B1HW * err.abs()).mean(), (w_B1HW * err.pow(2)).mean()
+        else:
+            l1, l2 = err.abs().mean(), err.pow(2).mean()
         recon = cfg.l1_weight * l1 + cfg.l2_weight * l2
         entropy = (cfg.per_sample_entropy_weight * q_losses["per_sample_entropy"]
                    - cfg.codebook_entropy_weight * q_losses["codebook_entropy"]) / cfg.inv_temperature
@@ -237,11 +263,22 @@ def train_vae(vae: BSQVAE, images: Iterable, config: VAETrainConfig) -> list[dic
     device, dtype = p.device, p.dtype
     params = [q for q in vae.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    warmup = max(1, config.steps // 20)
+
+    def lr_factor(step: int) -> float:  # step = number of optimiser steps taken so far
+        if config.lr_schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     history: list[dict[str, float]] = []
     one_shot = iter(images) is images
     while len(history) < config.steps:
         n_before = len(history)
         for img in _batches(images, config.batch_size, config.image_size):
+            module.hard = len(history) >= config.continuous_warmup_steps
             loss, metrics = module(img.to(device=device, dtype=dtype))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite VAE loss {float(loss)} at step {len(history) + 1}")
@@ -250,6 +287,7 @@ def train_vae(vae: BSQVAE, images: Iterable, config: VAETrainConfig) -> list[dic
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             opt.step()
+            sched.step()
             history.append({k: float(v) for k, v in metrics.items()})
             if config.log_every and len(history) % config.log_every == 0:
                 log.info("vae step %d: %s", len(history), {k: round(v, 5) for k, v in history[-1].items()})
