@@ -345,16 +345,17 @@ def _tiny() -> VARGPTConfig:
 
 
 def _shapes() -> VARGPTConfig:
-    # 64 x 64 Shapes images: 4 x 4 latent grid, first-3 schedule (1, 2, 4) = 21 tokens; a character-level vocabulary
+    # 64 x 64 Shapes images; a 4-level (8x) tokenizer: 8 x 8 latent grid, first-5 schedule (1, 2, 4, 6, 8) = 121
+    # tokens of 32 bits (a 16x tokenizer's 4 x 4 grid could not keep the shapes apart, EVAL.md); character vocabulary
     return VARGPTConfig(
         vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=4),
         text=TextConfig(vocab_size=128, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                         num_kv_heads=2, mrope_section=[8, 12, 12]),
         decoder=DecoderConfig(width=256, depth=4, num_heads=2, mlp_ratio=4.0, memory_dim=256),
-        vae=VAEConfig(codebook_dim=16, base_channels=32, encoder_ch_mult=[1, 1, 2, 2, 4],
-                      decoder_ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1),
+        vae=VAEConfig(codebook_dim=32, base_channels=32, encoder_ch_mult=[1, 1, 2, 4],
+                      decoder_ch_mult=[1, 1, 2, 4], num_res_blocks=1),
         special_tokens=SpecialTokens.from_base(100),
-        gen_schedule="first-3",
+        gen_schedule="first-5",
     )
 
 

@@ -20,7 +20,7 @@ def test_quick_shapes_run_end_to_end(tmp_path) -> None:
     r = runner.invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--quick"])
     assert r.exit_code == 0, r.output
     log = (tmp_path / "run" / "log.txt").read_text()
-    for phase in ("data:", "tokenizer:", "stage1:", "stage2:", "stage3a (first-2)", "stage3b", "stage3c (first-3)",
+    for phase in ("data:", "tokenizer:", "stage1:", "stage2:", "stage3a (first-3)", "stage3b", "stage3c (first-5)",
                   "stage3d", "edit:", "done in"):
         assert phase in log, phase
     for ckpt in ("pre_dpo", "post_dpo", "final"):

@@ -104,3 +104,70 @@ def test_inputs_tensor_batches_are_cycled_and_one_shot_iterators_end_training():
     assert len(train_vae(vae, iter(batches[:1]), VAETrainConfig(steps=3, lr=1e-4))) == 1  # the iterator ran out
     with pytest.raises(ValueError, match="matches no schedule"):
         train_vae(vae, [torch.zeros(1, 3, 80, 80)], VAETrainConfig(steps=1))
+
+
+def test_foreground_weight_weighs_the_pixel_loss_off_the_background():
+    torch.manual_seed(0)
+    vae = BSQVAE(get_preset("tiny").vae)
+    img = torch.ones(2, 3, 64, 64)  # white (the default background) ...
+    img[:, :, 8:20, 8:20] = torch.tensor([0.7, -0.8, -0.8]).view(1, 3, 1, 1)  # ... with one red square each
+    base = dict(commit_weight=0.0, entropy_weight=0.0)
+    plain = VAELoss(vae, VAETrainConfig(**base))
+    weighted = VAELoss(vae, VAETrainConfig(**base, foreground_weight=4.0))
+    with torch.no_grad():
+        recon = vae.decoder(multiscale_quantize_ste(vae.encoder(img), SCHEDULE)[0])
+        _, m_plain = plain(img)
+        _, m_weighted = weighted(img)
+    err = recon - img
+    w = torch.ones(2, 1, 64, 64)
+    w[:, :, 8:20, 8:20] = 5.0  # 1 + foreground_weight on the 144 square pixels, 1 elsewhere
+    assert float(m_plain["l1"]) == pytest.approx(float(err.abs().mean()), rel=1e-5)
+    assert float(m_weighted["l1"]) == pytest.approx(float((w * err.abs()).mean()), rel=1e-5)
+    assert float(m_weighted["l2"]) == pytest.approx(float((w * err.pow(2)).mean()), rel=1e-5)
+
+
+def test_continuous_warmup_passes_the_normalised_latents_then_switches_to_bits():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 16, 4, 4, generator=g)
+    soft, losses, bits = multiscale_quantize_ste(f, SCHEDULE, hard=False)
+    # by hand: per scale, the normalised (area-downsampled) residual, upsampled, subtracted and summed
+    residual, total = f.clone(), torch.zeros_like(f)
+    for hw in SCHEDULE:
+        x = residual if hw == (4, 4) else torch.nn.functional.interpolate(residual.unsqueeze(2), size=(1, *hw),
+                                                                          mode="area").squeeze(2)
+        z = torch.nn.functional.normalize(x, dim=1)
+        up = z if hw == (4, 4) else torch.nn.functional.interpolate(z.unsqueeze(2), size=(1, 4, 4),
+                                                                    mode="trilinear").squeeze(2)
+        residual, total = residual - up, total + up
+    torch.testing.assert_close(soft, total, rtol=0, atol=1e-6)
+    assert float(losses["commit"]) == 0.0  # z against itself
+    torch.manual_seed(0)
+    vae = BSQVAE(get_preset("tiny").vae)
+    history = train_vae(vae, shapes(4), VAETrainConfig(steps=5, batch_size=4, lr=1e-4, continuous_warmup_steps=3))
+    assert [h["commit"] == 0.0 for h in history] == [True, True, True, False, False]
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    torch.manual_seed(0)
+    vae = BSQVAE(get_preset("tiny").vae)
+    batches = [torch.rand(1, 3, 64, 64) * 2 - 1]
+    lrs = [h["lr"] for h in train_vae(vae, batches, VAETrainConfig(steps=40, lr=1e-3, lr_schedule="cosine"))]
+    # warm-up over 40 // 20 = 2 steps (1/2, 2/2 of the peak), then 0.5 (1 + cos(pi t / 38)) of it, t = 0 .. 37
+    expected = [5e-4, 1e-3] + [0.5e-3 * (1 + math.cos(math.pi * t / 38)) for t in range(38)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    constant = train_vae(vae, batches, VAETrainConfig(steps=3, lr=1e-3))
+    assert [h["lr"] for h in constant] == [1e-3] * 3
+
+
+def test_bf16_autocast_training_tracks_fp32():
+    images = shapes(4)
+    runs = {}
+    for mp in ("no", "bf16"):
+        torch.manual_seed(0)
+        vae = BSQVAE(get_preset("tiny").vae)
+        runs[mp] = train_vae(vae, images, VAETrainConfig(steps=3, batch_size=4, lr=1e-3, mixed_precision=mp))
+        assert next(vae.parameters()).dtype == torch.float32  # fp32 master weights either way
+    # same first-step loss up to bf16 rounding of the activations
+    assert runs["bf16"][0]["recon"] == pytest.approx(runs["no"][0]["recon"], rel=0.03)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        VAETrainConfig(mixed_precision="fp16")

@@ -79,6 +79,7 @@ class VAETrainConfig:
     # the encoder lays the information out in the latent's directions before the binary bottleneck is switched on
     continuous_warmup_steps: int = 0
     image_size: int | None = None  # PIL inputs are resized to image_size x image_size (None: used as they are)
+    mixed_precision: str = "no"  # or "bf16": forward under bf16 autocast (fp32 weights and optimiser)
     log_every: int = 0  # log every n steps (0 = never)
 
     def __post_init__(self) -> None:
@@ -87,6 +88,8 @@ class VAETrainConfig:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.inv_temperature <= 0:
@@ -251,7 +254,7 @@ def _batches(images: Iterable, batch_size: int, image_size: int | None) -> Itera
 def train_vae(vae: BSQVAE, images: Iterable, config: VAETrainConfig) -> list[dict[str, float]]:
     """Train ``vae`` in place for ``config.steps`` AdamW steps (single device: the VAE's) and return each step's
     metrics (floats: ``loss``, ``recon``, ``l1``, ``l2``, ``commit``, ``per_sample_entropy``,
-    ``codebook_entropy``, ``entropy``).
+    ``codebook_entropy``, ``entropy``, and the ``lr`` of the step).
 
     ``images``: PIL images, (3, H, W) or (B, 3, H, W) tensors in [-1, 1]. A re-iterable collection (list,
     dataset) is cycled until ``steps``; a one-shot iterator ends training when it runs out. Every batch's latent
@@ -279,16 +282,18 @@ def train_vae(vae: BSQVAE, images: Iterable, config: VAETrainConfig) -> list[dic
         n_before = len(history)
         for img in _batches(images, config.batch_size, config.image_size):
             module.hard = len(history) >= config.continuous_warmup_steps
-            loss, metrics = module(img.to(device=device, dtype=dtype))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
+                loss, metrics = module(img.to(device=device, dtype=dtype))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite VAE loss {float(loss)} at step {len(history) + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            lr = opt.param_groups[0]["lr"]  # the rate this step used
             opt.step()
             sched.step()
-            history.append({k: float(v) for k, v in metrics.items()})
+            history.append({**{k: float(v) for k, v in metrics.items()}, "lr": lr})
             if config.log_every and len(history) % config.log_every == 0:
                 log.info("vae step %d: %s", len(history), {k: round(v, 5) for k, v in history[-1].items()})
             if len(history) == config.steps:
