@@ -286,7 +286,8 @@ def train_cmd(
         return
     if not data:
         _fail("give at least one --data FILE")
-    from vargpt.train.cli import TrainCommandError, run_train
+    from vargpt.train.cli import run_train
+    from vargpt.train.run_config import TrainCommandError
 
     try:
         run_train(recipe, data=data, out=out, config=config, init=init, preset=preset, resume=resume,

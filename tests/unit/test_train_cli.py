@@ -24,7 +24,7 @@ from vargpt.generation.params import ImageParams
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
 from vargpt.processing.tokenizer import char_tokenizer
-from vargpt.train.cli import TrainCommandError, resolve_config
+from vargpt.train.run_config import TrainCommandError, resolve_config
 
 from .helpers import tiny_model
 
