@@ -32,6 +32,8 @@ from vargpt.models.official import (
 from vargpt.models.vargpt import VARGPT
 
 __all__ = [
+    "SHIPPED_CHECKPOINT",
+    "default_checkpoint",
     "read_state_dict",
     "build_empty",
     "load_into",
@@ -41,6 +43,16 @@ __all__ = [
     "load_checkpoint",
     "load_model",
 ]
+
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"  # the repository's default model
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint used when none is given: ``$VARGPT_CHECKPOINT`` if set, else the shipped Shapes model
+    (``checkpoints/shapes`` of the repository; an editable install finds it)."""
+    env = os.environ.get("VARGPT_CHECKPOINT")
+    return Path(env) if env else SHIPPED_CHECKPOINT
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

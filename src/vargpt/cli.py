@@ -56,8 +56,6 @@ def smoke(
 
 
 # ------------------------------------------------------------------------------------------- inference commands
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
-
 CheckpointOpt = Annotated[Path | None, typer.Option(
     "--checkpoint", envvar="VARGPT_CHECKPOINT",
     help="Checkpoint directory, ours or official-layout (default: the shipped Shapes model).")]
@@ -71,12 +69,13 @@ def _fail(msg: str) -> None:
 
 
 def _engine(checkpoint: Path | None, dtype: str | None, device: str):
+    from vargpt.checkpoint import SHIPPED_CHECKPOINT
     from vargpt.engine import Engine
 
-    path = checkpoint or DEFAULT_CHECKPOINT
+    path = checkpoint or SHIPPED_CHECKPOINT  # typer already read $VARGPT_CHECKPOINT into checkpoint
     if not path.is_dir():
         _fail(f"checkpoint {path} does not exist" + ("" if checkpoint else
-              " (no default model is shipped in this checkout yet; pass --checkpoint DIR)"))
+              " (the shipped model is missing from this checkout; pass --checkpoint DIR)"))
     try:
         return Engine.load(path, dtype=dtype, device=device)
     except (OSError, ValueError) as e:
@@ -318,7 +317,9 @@ def serve(
     if max_batch < 1:
         _fail(f"--max-batch {max_batch}: expected >= 1")
     engine = _engine(checkpoint, dtype, device)
-    model_id = (checkpoint or DEFAULT_CHECKPOINT).resolve().name
+    from vargpt.checkpoint import SHIPPED_CHECKPOINT
+
+    model_id = (checkpoint or SHIPPED_CHECKPOINT).resolve().name
     app_ = create_app(engine, api_key=api_key, limits=Limits(max_batch=max_batch), model_id=model_id)
     typer.echo(f"serving {model_id} on http://{host}:{port}" + (" (API key required)" if api_key else ""))
     uvicorn.run(app_, host=host, port=port)

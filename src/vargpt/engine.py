@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vargpt.checkpoint import load_model
+from vargpt.checkpoint import default_checkpoint, load_model
 from vargpt.generation.image import ImageBatch, ScaleStep, gen_rows_from_bits, image_steps
 from vargpt.generation.llm_session import LLMSession
 from vargpt.generation.params import ImageParams, TextParams
@@ -136,14 +136,15 @@ class Engine:
         self.decode_chunk = decode_chunk if decode_chunk is not None else (2 if cpu else 0)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-             tokenizer=None, compat: str | None = None) -> Engine:
+    def load(cls, path: str | Path | None = None, *, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype | None = None, tokenizer=None, compat: str | None = None) -> Engine:
         """Load our checkpoint directory or an official-layout one (bf16 weights load into the dtype asked for).
 
+        ``path`` None: ``$VARGPT_CHECKPOINT``, else the shipped Shapes model (``vargpt.checkpoint.default_checkpoint``).
         The tokenizer, chat template and preprocessor settings come from the directory unless ``tokenizer`` is
         given. ``compat`` defaults to ``"official"`` for official-layout directories, ``"native"`` otherwise.
         """
-        path = Path(path)
+        path = Path(path) if path is not None else default_checkpoint()
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: not a checkpoint directory")
         official = is_official_checkpoint(path)

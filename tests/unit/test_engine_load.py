@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vargpt.checkpoint import save_checkpoint
+from vargpt.checkpoint import SHIPPED_CHECKPOINT, default_checkpoint, save_checkpoint
 from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams, TextParams
 from vargpt.processing.processor import Processor
@@ -45,6 +45,17 @@ def test_our_directory_round_trips_through_engine_load(saved) -> None:
     enc = engine.processor.encode([{"role": "user", "content": "hello"}])
     assert engine.generate_text([enc], tp) == loaded.generate_text([loaded.processor.encode(
         [{"role": "user", "content": "hello"}])], tp)
+
+
+def test_no_path_loads_vargpt_checkpoint_or_the_shipped_model(saved, monkeypatch) -> None:
+    path, engine = saved
+    monkeypatch.setenv("VARGPT_CHECKPOINT", str(path))
+    assert default_checkpoint() == path
+    tp = TextParams(max_new_tokens=6)
+    enc = engine.processor.encode([{"role": "user", "content": "hello"}])
+    assert Engine.load().generate_text([enc], tp) == engine.generate_text([enc], tp)
+    monkeypatch.delenv("VARGPT_CHECKPOINT")
+    assert default_checkpoint() == SHIPPED_CHECKPOINT == Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
 
 
 def test_chat_template_in_the_directory_is_used(saved, tmp_path) -> None:

@@ -16,14 +16,26 @@ def write_demo(engine: Engine, out: Path, *, seed: int = 0, n: int = 8) -> Path:
 
     from PIL import Image
 
-    from vargpt.data.shapes import GEN_CATEGORIES, random_scene, render, sample_edit, sample_gen_prompt
-    from vargpt.data.shapes.grammar import sample_question
-    from vargpt.eval.shapes import EDIT_REPLY, GEN_REPLY
+    from vargpt.data.shapes import (
+        GEN_CATEGORIES,
+        check_gen,
+        parse_gen_prompt,
+        random_scene,
+        read_image,
+        render,
+        sample_edit,
+        sample_gen_prompt,
+    )
+    from vargpt.data.shapes.grammar import check_answer, sample_question
+    from vargpt.eval.shapes import EDIT_REPLY, GEN_REPLY, fit_canvas
     from vargpt.generation.params import ImageParams, TextParams
 
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+
+    def verdict(ok: bool) -> str:  # the suites' own judgement (SHAPES.md read-back rules)
+        return '<b style="color:#080">pass</b>' if ok else '<b style="color:#b00">fail</b>'
 
     def save(img: Image.Image, name: str) -> str:
         img.resize((128, 128), Image.Resampling.NEAREST).save(out / name)
@@ -40,12 +52,14 @@ def write_demo(engine: Engine, out: Path, *, seed: int = 0, n: int = 8) -> Path:
                for ids in engine.generate_text(encs, TextParams(max_new_tokens=96))]
     for i, (s, (q, a), ans) in enumerate(zip(scenes, qas, answers, strict=True)):
         rows.append(("understanding", save(render(s), f"u{i}.png"), None, f"Q: {q}<br>model: {html.escape(ans)}"
-                     f"<br>truth: {html.escape(a)}"))
+                     f"<br>truth: {html.escape(a)}<br>{verdict(check_answer(q, ans, s))}"))
     prompts = [sample_gen_prompt(rng, GEN_CATEGORIES[i % len(GEN_CATEGORIES)]).text for i in range(n)]
     encs = [engine.processor.encode([{"role": "user", "content": p}], assistant_prefix=GEN_REPLY.format(p=p))
             for p in prompts]
     for i, (p, img) in enumerate(zip(prompts, engine.generate_images(encs, ImageParams(seed=seed)), strict=True)):
-        rows.append(("generation", save(img.image, f"g{i}.png"), None, f"{html.escape(p)} (seed {img.seed})"))
+        ok = check_gen(parse_gen_prompt(p), read_image(fit_canvas(img.image)))
+        rows.append(("generation", save(img.image, f"g{i}.png"), None,
+                     f"{html.escape(p)} (seed {img.seed})<br>{verdict(ok)}"))
     for i in range(n):
         while (r := sample_edit(rng, scene := random_scene(rng))) is None:
             pass
@@ -55,7 +69,8 @@ def write_demo(engine: Engine, out: Path, *, seed: int = 0, n: int = 8) -> Path:
                                       assistant_prefix=EDIT_REPLY)
         (img,) = engine.generate_images([enc], ImageParams(seed=seed + i))
         rows.append(("editing", save(render(scene), f"e{i}_src.png"), save(img.image, f"e{i}_out.png"),
-                     f"{html.escape(edit.text)}<br>expected: <img src=\"{save(render(target), f'e{i}_want.png')}\">"))
+                     f"{html.escape(edit.text)}<br>expected: <img src=\"{save(render(target), f'e{i}_want.png')}\">"
+                     f"<br>{verdict(frozenset(o.key() for o in read_image(fit_canvas(img.image))) == target.key())}"))
     body = []
     for task in ("understanding", "generation", "editing"):
         body.append(f"<h2>{task}</h2><table>")

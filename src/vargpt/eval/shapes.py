@@ -37,7 +37,7 @@ from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams, TextParams
 
 __all__ = ["SUITES", "SuiteResult", "generation_items", "understanding_items", "editing_items", "run_suite",
-           "EVAL_SEED"]
+           "EVAL_SEED", "fit_canvas"]
 
 SUITES = ("understanding", "generation", "editing", "tokenizer")
 EVAL_SEED = 20261126  # the held-out scenes and prompts; training splits must use other seeds
@@ -139,7 +139,7 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
             imgs = engine.generate_images(encs, params, seeds=[it["seed"] for it in chunk])
             for it, img in zip(chunk, imgs, strict=True):
                 it["image"] = img.image
-                it["pass"] = check_gen(parse_gen_prompt(it["prompt"]), read_image(_fit(img.image)))
+                it["pass"] = check_gen(parse_gen_prompt(it["prompt"]), read_image(fit_canvas(img.image)))
     elif suite == "understanding":
         tp = TextParams(max_new_tokens=96)
         for chunk in _batches(items, batch_size, "understanding"):
@@ -160,7 +160,7 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
             imgs = engine.generate_images(encs, params, seeds=seeds)
             for it, img in zip(chunk, imgs, strict=True):
                 it["image"] = img.image
-                it["pass"] = frozenset(o.key() for o in read_image(_fit(img.image))) == it["target"].key()
+                it["pass"] = frozenset(o.key() for o in read_image(fit_canvas(img.image))) == it["target"].key()
     scores, counts = _score(items)
     result = SuiteResult(suite, scores, counts, items)
     if out_dir is not None:
@@ -193,7 +193,7 @@ def _tokenizer_suite(engine: Engine, *, limit: int | None, batch_size: int, out_
             recon = vae.decode(decode_bits(bits, schedule).to(dtype)).float()
             for it, img in zip(chunk, to_pil(recon), strict=True):
                 it["image"] = img
-                it["pass"] = frozenset(o.key() for o in read_image(_fit(img))) == it["scene"].key()
+                it["pass"] = frozenset(o.key() for o in read_image(fit_canvas(img))) == it["scene"].key()
     scores, counts = _score(items)
     result = SuiteResult("tokenizer", scores, counts, items)
     if out_dir is not None:
@@ -201,7 +201,7 @@ def _tokenizer_suite(engine: Engine, *, limit: int | None, batch_size: int, out_
     return result
 
 
-def _fit(img: Image.Image) -> Image.Image:
+def fit_canvas(img: Image.Image) -> Image.Image:
     """The scorer reads 64 x 64 images; larger generations are downsampled (nearest) to the canvas."""
     return img if img.size == (64, 64) else img.convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
 

@@ -36,7 +36,7 @@ from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
 from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.engine import Engine
-from vargpt.eval.shapes import EVAL_SEED, editing_items, run_suite, understanding_items
+from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, run_suite, understanding_items
 from vargpt.generation.params import ImageParams
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
@@ -112,7 +112,7 @@ def shapes_reward(prompt: str, image) -> float:
     from vargpt.data.shapes.grammar import scene_for_prompt
 
     p = parse_gen_prompt(prompt)
-    objs = read_image(image if image.size == (64, 64) else image.resize((64, 64), 0))
+    objs = read_image(fit_canvas(image))
     want = scene_for_prompt(random.Random(0), p)
     score = float(check_gen(p, objs))
     score += 0.25 * (len(objs) == len(want.objects))

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vargpt.models.vae import BSQVAE, bsq_quantize
 from vargpt.models.vargpt import schedule_for_latent
@@ -278,6 +279,7 @@ def train_vae(vae: BSQVAE, images: Iterable, config: VAETrainConfig) -> list[dic
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     history: list[dict[str, float]] = []
     one_shot = iter(images) is images
+    bar = tqdm(total=config.steps, desc="tokenizer", dynamic_ncols=True)
     while len(history) < config.steps:
         n_before = len(history)
         for img in _batches(images, config.batch_size, config.image_size):
@@ -294,6 +296,8 @@ def train_vae(vae: BSQVAE, images: Iterable, config: VAETrainConfig) -> list[dic
             opt.step()
             sched.step()
             history.append({**{k: float(v) for k, v in metrics.items()}, "lr": lr})
+            bar.update(1)
+            bar.set_postfix(recon=f"{history[-1]['recon']:.4f}", commit=f"{history[-1]['commit']:.4f}")
             if config.log_every and len(history) % config.log_every == 0:
                 log.info("vae step %d: %s", len(history), {k: round(v, 5) for k, v in history[-1].items()})
             if len(history) == config.steps:
@@ -303,5 +307,6 @@ def train_vae(vae: BSQVAE, images: Iterable, config: VAETrainConfig) -> list[dic
         if one_shot and len(history) < config.steps:
             log.warning("train_vae: the image iterator ran out after %d of %d steps", len(history), config.steps)
             break
+    bar.close()
     vae.eval()
     return history
