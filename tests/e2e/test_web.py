@@ -11,13 +11,11 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
-import threading
-import time
 
 import pytest
 import torch
 from PIL import Image
+from tests.http_helpers import data_url, png_bytes, served, source_image
 
 pytestmark = pytest.mark.browser
 
@@ -30,27 +28,9 @@ KEY = "web-key"
 WAIT_MS = 120_000
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def source_image(w: int = 40, h: int = 30) -> Image.Image:
-    img = Image.new("RGB", (w, h), (230, 230, 230))
-    img.paste((200, 30, 30), (8, 6, 24, 20))
-    return img
-
-
 def decode_url(url: str) -> Image.Image:
     assert url.startswith("data:image/png;base64,"), url[:40]
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +38,7 @@ def server():
     """``http://127.0.0.1:PORT`` of the app (with an API key) over a tiny random engine, served by uvicorn on a
     background thread."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (served() runs it)
     except ImportError:
         pytest.fail("uvicorn is not installed (pip install -e '.[serve]')")
     from vargpt.config import get_preset
@@ -73,19 +53,8 @@ def server():
     cfg = get_preset("tiny")
     torch.manual_seed(0)
     engine = Engine(VARGPT(cfg).eval(), Processor(cfg, char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)))
-    port = free_port()
-    config = uvicorn.Config(create_app(engine, api_key=KEY, model_id="tiny-web"), host="127.0.0.1", port=port,
-                            log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(60)
+    with served(create_app(engine, api_key=KEY, model_id="tiny-web")) as url:
+        yield url
     torch.set_num_threads(n_threads)
 
 
@@ -158,7 +127,7 @@ def test_chat_about_an_uploaded_image(page, server) -> None:
     wait_done(page, "chat-status")
     answer = page.text_content("#chat-answer")
     # the same request straight to the API (same seed, greedy) gives the same answer
-    url = "data:image/png;base64," + base64.b64encode(png_bytes(source_image())).decode()
+    url = data_url(source_image())
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
                                                       {"type": "image_url", "image_url": {"url": url}}]}],
             "draw": "never", "max_tokens": 5, "seed": 4}

@@ -19,6 +19,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from tests.http_helpers import data_url, png_bytes, source_image  # noqa: E402
 from vargpt.config import get_preset  # noqa: E402
 from vargpt.engine import Engine  # noqa: E402
 from vargpt.generation.params import ImageParams, TextParams  # noqa: E402
@@ -56,16 +57,6 @@ def strict(engine):
         yield c
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def data_url(img: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
-
-
 def decode_b64(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
@@ -73,12 +64,6 @@ def decode_b64(b64: str) -> Image.Image:
 def decode_url(url: str) -> Image.Image:
     assert url.startswith("data:image/png;base64,")
     return decode_b64(url.split(",", 1)[1])
-
-
-def source_image(w: int = 40, h: int = 30) -> Image.Image:
-    img = Image.new("RGB", (w, h), (230, 230, 230))
-    img.paste((200, 30, 30), (8, 6, 24, 20))
-    return img
 
 
 def assert_error(r, status: int, param: str | None = None, code: str | None = None) -> dict:

@@ -8,17 +8,14 @@ import base64
 import contextlib
 import io
 import re
-import socket
-import threading
-import time
 from pathlib import Path
 
 import openai  # the test extra installs it: a missing client is a failure, not a skip
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
+from tests.http_helpers import data_url, png_bytes, served, source_image
 from vargpt.config import get_preset
 from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams, TextParams
@@ -35,28 +32,6 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 README_URL = "http://127.0.0.1:8000/v1"
 MODEL_ID = "my-checkpoint"  # what `vargpt serve` lists: the checkpoint directory's name
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def source_image(w: int = 40, h: int = 30) -> Image.Image:
-    img = Image.new("RGB", (w, h), (230, 230, 230))
-    img.paste((200, 30, 30), (8, 6, 24, 20))
-    return img
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def data_url(img: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def readme_client_snippet() -> str:
@@ -78,20 +53,8 @@ def engine() -> Engine:
 def base_url(engine) -> str:
     """``http://127.0.0.1:PORT/v1`` of the app (no API key, like ``vargpt serve`` without ``--api-key``), served by
     uvicorn on a background thread."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(engine, model_id=MODEL_ID), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(30)
+    with served(create_app(engine, model_id=MODEL_ID)) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")
