@@ -7,6 +7,8 @@ grid_t*grid_h*grid_w / merge^2 times, as the Qwen2-VL processor does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
@@ -37,11 +39,15 @@ def render_prompt(messages: list[dict], *, add_generation_prompt: bool = True) -
     return "".join(parts)
 
 
-def image_processor(cfg: VARGPTConfig, min_pixels: int = 3136, max_pixels: int = 1_003_520):
-    """The Qwen2-VL image processor (PIL backend, offline) for ``cfg``'s vision tower."""
+def image_processor(cfg: VARGPTConfig, min_pixels: int = 3136, max_pixels: int = 1_003_520,
+                    image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None):
+    """The Qwen2-VL image processor (PIL backend, offline) for ``cfg``'s vision tower. ``image_mean`` /
+    ``image_std`` (per RGB channel, on pixels scaled to [0, 1]) default to Qwen2-VL's (the CLIP statistics)."""
     v = cfg.vision
+    norm = {k: list(map(float, x)) for k, x in (("image_mean", image_mean), ("image_std", image_std)) if x is not None}
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=v.patch_size,
-                                    temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
+                                    temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+                                    **norm)
 
 
 def expand_image_pads(ids: list[int], grids_N3: torch.Tensor, image_pad_id: int, merge: int) -> list[int]:

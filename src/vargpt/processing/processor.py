@@ -3,7 +3,7 @@
 transformers' ``Qwen2VLProcessor`` cannot be built without torchvision (ENV-NOTES.md), so this is the project's
 own small processor. A checkpoint directory may carry the tokenizer files, a chat template (in
 ``tokenizer_config.json``, ``chat_template.jinja`` or ``chat_template.json``) and ``preprocessor_config.json``
-(``min_pixels`` / ``max_pixels``); ``Processor.from_dir`` uses them, offline. Without a chat template the built-in
+(``min_pixels`` / ``max_pixels``, ``image_mean`` / ``image_std``); ``Processor.from_dir`` uses them, offline. Without a chat template the built-in
 Qwen2-VL format (``render_prompt``) is used and ``template_source`` says so.
 
 Messages: ``{"role": "system" | "user" | "assistant", "content": str | list[item]}`` with items
@@ -16,6 +16,7 @@ the VAE on the nearest schedule).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +59,12 @@ class Processor:
     """Tokenizer + chat template + image processor for one model config."""
 
     def __init__(self, config: VARGPTConfig, tokenizer: PreTrainedTokenizerBase, *, min_pixels: int = 3136,
-                 max_pixels: int = 1_003_520, use_tokenizer_template: bool | None = None) -> None:
+                 max_pixels: int = 1_003_520, image_mean: Sequence[float] | None = None,
+                 image_std: Sequence[float] | None = None, use_tokenizer_template: bool | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.image_processor = image_processor(config, min_pixels, max_pixels)
+        self.image_processor = image_processor(config, min_pixels, max_pixels, image_mean, image_std)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_tokenizer_template = has_template if use_tokenizer_template is None else use_tokenizer_template
         self.template_source = "tokenizer chat_template" if self.use_tokenizer_template else "built-in Qwen2-VL"
@@ -97,10 +99,19 @@ class Processor:
             for key in ("min_pixels", "max_pixels"):
                 if key in data:
                     kw[key] = int(data[key])
+            for key in ("image_mean", "image_std"):
+                if key in data:
+                    val = data[key]
+                    if not (isinstance(val, list) and len(val) == 3
+                            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in val)):
+                        raise ValueError(f"{pre}: field {key!r}: expected a list of 3 numbers (RGB), got {val!r}")
+                    if key == "image_std" and min(val) <= 0:
+                        raise ValueError(f"{pre}: field 'image_std': every value must be > 0, got {val!r}")
+                    kw[key] = [float(x) for x in val]
         return cls(config, tok, **kw)
 
     def save(self, path: str | Path) -> None:
-        """Write the tokenizer files and ``preprocessor_config.json`` (min/max pixels) to ``path``."""
+        """Write the tokenizer files and ``preprocessor_config.json`` (min/max pixels, normalisation) to ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(path))
@@ -108,7 +119,9 @@ class Processor:
         (path / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels, "patch_size": v.patch_size, "merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size}, indent=1))
+            "temporal_patch_size": v.temporal_patch_size,
+            "image_mean": [float(x) for x in self.image_processor.image_mean],
+            "image_std": [float(x) for x in self.image_processor.image_std]}, indent=1))
 
     # ----- encoding -----
 

@@ -205,6 +205,7 @@ def train(
     resume: str | Path | None = None,
     callbacks: Sequence[Callable[[StepInfo], bool | None]] = (),
     accelerator=None,
+    group_ids: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad for ``config.max_steps`` optimizer steps.
 
@@ -223,6 +224,9 @@ def train(
             RNG states. ``model`` must be built as for the original run (frozen weights are not in the checkpoint).
         callbacks: called after each step with a ``StepInfo``; returning True stops training.
         accelerator: an ``accelerate.Accelerator`` to use instead of ``make_accelerator(config)``.
+        group_ids: optional group id per dataset item (e.g. its task): each global batch is then drawn from one group
+            where possible (``state.grouped_permutation``), so rows of very different lengths (a short answer, a
+            sequence with 121 image slots) are not padded to each other. A resumed run must pass the same ids.
     """
     from accelerate.utils import DistributedType, send_to_device, set_seed
     from tqdm.auto import tqdm
@@ -272,7 +276,7 @@ def train(
         load_sharded_state(resume, accelerator)
 
     sampler = ResumableBatchSampler(len(dataset), config.batch_size, num_replicas=world, rank=rank, seed=config.seed,
-                                    start=state.position)
+                                    start=state.position, groups=group_ids)
     # the loader's own generator: creating its iterator must not draw from the global RNG (that would shift the
     # dropout / noise stream of a resumed run against the uninterrupted one)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,

@@ -30,7 +30,7 @@ import json
 import random
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,21 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=g)
 
 
+def grouped_permutation(groups_N: torch.Tensor, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
+    """An epoch order whose consecutive windows of ``global_batch`` samples come from one group each (except the
+    few windows that straddle two groups), windows in random order; a pure function of (groups, seed, epoch).
+
+    Samples are shuffled as in ``epoch_permutation``, stably sorted by group (random order within each group), cut
+    into windows and the full windows are shuffled; the remainder (< one window) stays last.
+    """
+    perm = epoch_permutation(len(groups_N), seed, epoch)
+    order = perm[torch.argsort(groups_N[perm], stable=True)]
+    n_full = len(order) // global_batch
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    windows = order[: n_full * global_batch].view(n_full, global_batch)[torch.randperm(n_full, generator=g)]
+    return torch.cat([windows.flatten(), order[n_full * global_batch:]])
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """Endless stream of this process's index batches, starting at ``start`` (see the module docstring).
 
@@ -93,10 +108,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
         num_replicas, rank: process count and this process's index.
         seed: seeds the epoch permutations.
         start: position of the first batch to yield.
+        groups: optional group id per sample (e.g. the task): every global batch then comes from one group, except
+            at group boundaries (``grouped_permutation``) -- rows of similar length, less padding.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 start: DataPosition = DataPosition()) -> None:
+                 start: DataPosition = DataPosition(), groups: Sequence[int] | None = None) -> None:
         self.num_samples, self.batch_size = num_samples, batch_size
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
         self.global_batch = batch_size * num_replicas
@@ -106,17 +123,25 @@ class ResumableBatchSampler(Sampler[list[int]]):
         if start.offset % self.global_batch or start.offset + self.global_batch > num_samples:
             raise ValueError(f"data position {start} is not at a batch boundary for a global batch of "
                              f"{self.global_batch} (resuming with a different batch size or process count?)")
+        if groups is not None and len(groups) != num_samples:
+            raise ValueError(f"groups has {len(groups)} entries for {num_samples} samples")
+        self.groups = None if groups is None else torch.as_tensor(list(groups), dtype=torch.int64)
         self.start = start
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self.groups is None:
+            return epoch_permutation(self.num_samples, self.seed, epoch)
+        return grouped_permutation(self.groups, self.global_batch, self.seed, epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         pos = self.start
-        perm = epoch_permutation(self.num_samples, self.seed, pos.epoch)
+        perm = self._order(pos.epoch)
         while True:
             lo = pos.offset + self.rank * self.batch_size
             yield perm[lo: lo + self.batch_size].tolist()
             nxt = pos.advance(self.num_samples, self.global_batch)
             if nxt.epoch != pos.epoch:
-                perm = epoch_permutation(self.num_samples, self.seed, nxt.epoch)
+                perm = self._order(nxt.epoch)
             pos = nxt
 
 
