@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vargpt.checkpoint import SHIPPED_CHECKPOINT, default_checkpoint, save_checkpoint
+from vargpt.config import get_preset
 from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams, TextParams
 from vargpt.processing.processor import Processor
@@ -72,6 +73,37 @@ def test_chat_template_in_the_directory_is_used(saved, tmp_path) -> None:
     text = loaded.processor.render([{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user:hi<|im_end|><|im_start|>assistant:"
     assert engine.processor.template_source == "built-in Qwen2-VL"
+
+
+def test_image_normalisation_round_trips_and_is_validated(saved, tmp_path) -> None:
+    from PIL import Image
+
+    from vargpt.train.shapes import SHAPES_IMAGE_STD, shapes_processor
+
+    path, engine = saved
+    saved_pre = json.loads((path / "preprocessor_config.json").read_text())  # the Qwen2-VL (CLIP) statistics
+    assert saved_pre["image_mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    cfg = engine.model.config
+    proc = Processor(cfg, engine.processor.tokenizer, image_mean=[1.0, 1.0, 1.0], image_std=[0.25, 0.25, 0.25])
+    proc.save(tmp_path)
+    pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert (pre["image_mean"], pre["image_std"]) == ([1.0, 1.0, 1.0], [0.25, 0.25, 0.25])
+    loaded = Processor.from_dir(tmp_path, cfg)
+    img = Image.new("RGB", (56, 56), (255, 255, 255))
+    img.putpixel((0, 0), (0, 127, 255))
+    a = proc.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+    b = loaded.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+    assert torch.equal(a, b) and float(a.min()) == -4.0 and float(a.max()) == 0.0  # white -> 0, black -> -1/0.25
+    # the Shapes processor uses it: a white canvas is all zeros for the ViT
+    shapes = shapes_processor(get_preset("shapes"))
+    assert tuple(shapes.image_processor.image_std) == SHAPES_IMAGE_STD
+    white = shapes.image_processor(images=[Image.new("RGB", (64, 64), "white")], return_tensors="pt")["pixel_values"]
+    assert white.shape == (64, 1176) and not white.any()
+    for bad, msg in (({"image_mean": [1, 1]}, "field 'image_mean': expected a list of 3 numbers"),
+                     ({"image_std": [0.5, 0, 0.5]}, "field 'image_std': every value must be > 0")):
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({**pre, **bad}))
+        with pytest.raises(ValueError, match=msg):
+            Processor.from_dir(tmp_path, cfg)
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path) -> None:

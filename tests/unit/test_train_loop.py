@@ -98,6 +98,27 @@ def test_sampler_shards_global_batches_and_resumes_mid_epoch():
         ResumableBatchSampler(3, 2, num_replicas=2)
 
 
+def test_grouped_sampler_draws_each_batch_from_one_group_and_resumes():
+    groups = [0] * 13 + [1] * 9 + [2] * 6  # 28 samples, global batch 4: 7 windows, at most 2 straddle a boundary
+    random.Random(3).shuffle(groups)
+    n = len(groups)
+    single = _take(ResumableBatchSampler(n, 4, seed=1, groups=groups), 14)
+    for epoch in (single[:7], single[7:14]):
+        assert sorted(sum(epoch, [])) == list(range(n))  # a permutation of every sample
+        mixed = [b for b in epoch if len({groups[i] for i in b}) > 1]
+        assert len(mixed) <= 2
+        first = [groups[b[0]] for b in epoch]
+        assert first != sorted(first)  # the one-group batches come in shuffled order, not group by group
+    assert single[:7] != single[7:14]  # a fresh order per epoch
+    assert single == _take(ResumableBatchSampler(n, 4, seed=1, groups=groups), 14)  # a pure function of the seed
+    ranks = [_take(ResumableBatchSampler(n, 2, num_replicas=2, rank=r, seed=1, groups=groups), 14) for r in range(2)]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == single  # ranks split the same one-group global batches
+    pos = DataPosition(1, 12)
+    assert _take(ResumableBatchSampler(n, 4, seed=1, start=pos, groups=groups), 4) == single[10:14]
+    with pytest.raises(ValueError, match="groups has 3 entries for 28 samples"):
+        ResumableBatchSampler(n, 4, groups=[0, 1, 2])
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize("interrupt", ["stop", "crash"])
 def test_interrupted_and_resumed_run_reproduces_the_losses_bit_for_bit(tmp_path, interrupt):

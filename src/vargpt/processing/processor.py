@@ -3,8 +3,8 @@
 transformers' ``Qwen2VLProcessor`` cannot be built without torchvision (ENV-NOTES.md), so this is the project's
 own small processor. A checkpoint directory may carry the tokenizer files, a chat template (in
 ``tokenizer_config.json``, ``chat_template.jinja`` or ``chat_template.json``) and ``preprocessor_config.json``
-(``min_pixels`` / ``max_pixels``, ``image_mean`` / ``image_std``); ``Processor.from_dir`` uses them, offline. Without a chat template the built-in
-Qwen2-VL format (``render_prompt``) is used and ``template_source`` says so.
+(``min_pixels`` / ``max_pixels``, ``image_mean`` / ``image_std``); ``Processor.from_dir`` uses them, offline.
+Without a chat template the built-in Qwen2-VL format (``render_prompt``) is used and ``template_source`` says so.
 
 Messages: ``{"role": "system" | "user" | "assistant", "content": str | list[item]}`` with items
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": PIL.Image}`` (an understanding input) and, in
