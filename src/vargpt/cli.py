@@ -68,11 +68,16 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _engine(checkpoint: Path | None, dtype: str | None, device: str):
+def _checkpoint_path(checkpoint: Path | None) -> Path:
     from vargpt.checkpoint import SHIPPED_CHECKPOINT
+
+    return checkpoint or SHIPPED_CHECKPOINT  # typer already read $VARGPT_CHECKPOINT into checkpoint
+
+
+def _engine(checkpoint: Path | None, dtype: str | None, device: str):
     from vargpt.engine import Engine
 
-    path = checkpoint or SHIPPED_CHECKPOINT  # typer already read $VARGPT_CHECKPOINT into checkpoint
+    path = _checkpoint_path(checkpoint)
     if not path.is_dir():
         _fail(f"checkpoint {path} does not exist" + ("" if checkpoint else
               " (the shipped model is missing from this checkout; pass --checkpoint DIR)"))
@@ -317,9 +322,7 @@ def serve(
     if max_batch < 1:
         _fail(f"--max-batch {max_batch}: expected >= 1")
     engine = _engine(checkpoint, dtype, device)
-    from vargpt.checkpoint import SHIPPED_CHECKPOINT
-
-    model_id = (checkpoint or SHIPPED_CHECKPOINT).resolve().name
+    model_id = _checkpoint_path(checkpoint).resolve().name
     app_ = create_app(engine, api_key=api_key, limits=Limits(max_batch=max_batch), model_id=model_id)
     typer.echo(f"serving {model_id} on http://{host}:{port}" + (" (API key required)" if api_key else ""))
     uvicorn.run(app_, host=host, port=port)

@@ -37,7 +37,7 @@ from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams, TextParams
 
 __all__ = ["SUITES", "SuiteResult", "generation_items", "understanding_items", "editing_items", "run_suite",
-           "EVAL_SEED", "fit_canvas"]
+           "EVAL_SEED", "fit_canvas", "reads_back"]
 
 SUITES = ("understanding", "generation", "editing", "tokenizer")
 EVAL_SEED = 20261126  # the held-out scenes and prompts; training splits must use other seeds
@@ -160,7 +160,7 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
             imgs = engine.generate_images(encs, params, seeds=seeds)
             for it, img in zip(chunk, imgs, strict=True):
                 it["image"] = img.image
-                it["pass"] = frozenset(o.key() for o in read_image(fit_canvas(img.image))) == it["target"].key()
+                it["pass"] = reads_back(img.image, it["target"])
     scores, counts = _score(items)
     result = SuiteResult(suite, scores, counts, items)
     if out_dir is not None:
@@ -193,7 +193,7 @@ def _tokenizer_suite(engine: Engine, *, limit: int | None, batch_size: int, out_
             recon = vae.decode(decode_bits(bits, schedule).to(dtype)).float()
             for it, img in zip(chunk, to_pil(recon), strict=True):
                 it["image"] = img
-                it["pass"] = frozenset(o.key() for o in read_image(fit_canvas(img))) == it["scene"].key()
+                it["pass"] = reads_back(img, it["scene"])
     scores, counts = _score(items)
     result = SuiteResult("tokenizer", scores, counts, items)
     if out_dir is not None:
@@ -204,6 +204,11 @@ def _tokenizer_suite(engine: Engine, *, limit: int | None, batch_size: int, out_
 def fit_canvas(img: Image.Image) -> Image.Image:
     """The scorer reads 64 x 64 images; larger generations are downsampled (nearest) to the canvas."""
     return img if img.size == (64, 64) else img.convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
+
+
+def reads_back(img: Image.Image, scene) -> bool:
+    """The image reads back (SHAPES.md rules) as exactly ``scene``: every object's colour, shape, size and cell."""
+    return frozenset(o.key() for o in read_image(fit_canvas(img))) == scene.key()
 
 
 def write_result(result: SuiteResult, out_dir: str | Path, grid_items: int = 32) -> None:
