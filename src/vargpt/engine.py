@@ -26,7 +26,13 @@ from PIL import Image
 from vargpt.checkpoint import default_checkpoint, load_model
 from vargpt.generation.image import ImageBatch, ScaleStep, gen_rows_from_bits, image_steps
 from vargpt.generation.llm_session import LLMSession
-from vargpt.generation.params import ImageParams, TextParams
+from vargpt.generation.params import (
+    OFFICIAL_SAMPLING,
+    SAMPLING_FIELDS,
+    ImageParams,
+    TextParams,
+    load_sampling_defaults,
+)
 from vargpt.generation.text import decode_step, extend, left_pad, lm_logits, make_generators, sample_tokens
 from vargpt.models.official import is_official_checkpoint
 from vargpt.models.vae import multiscale_encode
@@ -116,12 +122,21 @@ class Engine:
         decode_chunk: the most images the VAE decodes at once (default 2 on a CPU, all on an accelerator).
         compat: ``"official"`` (defaults that reproduce the released sampler: ``cfg_mode="official"``,
             ``positions="official"``) or ``"native"`` (``cfg_mode="null_prompt"``, M-RoPE positions).
+        sampling: defaults of the ``ImageParams`` sampling fields left None (``cfg_scale``, ``temperature``,
+            ``top_k``, ``top_p``); missing keys = ``OFFICIAL_SAMPLING``. ``Engine.load`` passes the checkpoint's
+            ``image_generation_config.json``.
     """
 
     def __init__(self, model: VARGPT, processor: Processor, *, compat: str = "native",
-                 micro_batch: int | None = None, decode_chunk: int | None = None) -> None:
+                 micro_batch: int | None = None, decode_chunk: int | None = None,
+                 sampling: dict | None = None) -> None:
         if compat not in ("official", "native"):
             raise ValueError(f"compat={compat!r}: expected 'official' or 'native'")
+        unknown = sorted(set(sampling or {}) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise ValueError(f"sampling: unknown field {unknown[0]!r}; expected some of {', '.join(SAMPLING_FIELDS)}")
+        #: the resolved defaults of the sampling fields (validated as ImageParams)
+        self.sampling = ImageParams(**{**OFFICIAL_SAMPLING, **(sampling or {})})
         self.model = model.eval()
         self.processor = processor
         self.config = model.config
@@ -142,7 +157,8 @@ class Engine:
 
         ``path`` None: ``$VARGPT_CHECKPOINT``, else the shipped Shapes model (``vargpt.checkpoint.default_checkpoint``).
         The tokenizer, chat template and preprocessor settings come from the directory unless ``tokenizer`` is
-        given. ``compat`` defaults to ``"official"`` for official-layout directories, ``"native"`` otherwise.
+        given; the default image-sampling settings from its ``image_generation_config.json`` when it has one. ``compat``
+        defaults to ``"official"`` for official-layout directories, ``"native"`` otherwise.
         """
         path = Path(path) if path is not None else default_checkpoint()
         if not path.is_dir():
@@ -151,14 +167,16 @@ class Engine:
         model = load_model(path, dtype=parse_dtype(dtype), device=device)
         processor = Processor(model.config, tokenizer) if tokenizer is not None else Processor.from_dir(
             path, model.config)
-        return cls(model, processor, compat=compat or ("official" if official else "native"))
+        return cls(model, processor, compat=compat or ("official" if official else "native"),
+                   sampling=load_sampling_defaults(path))
 
     # ------------------------------------------------------------------------------------------ parameters
     def resolve(self, params: ImageParams | None) -> ImageParams:
-        """Fill the engine-dependent defaults (cfg_mode, positions, schedule name)."""
+        """Fill the engine-dependent defaults (sampling settings, cfg_mode, positions, schedule name)."""
         params = params or ImageParams()
         return replace(
             params,
+            **{k: getattr(self.sampling, k) for k in SAMPLING_FIELDS if getattr(params, k) is None},
             cfg_mode=params.cfg_mode or ("official" if self.compat == "official" else "null_prompt"),
             positions=params.positions or ("official" if self.compat == "official" else "mrope"),
             schedule=params.schedule or self.config.gen_schedule,

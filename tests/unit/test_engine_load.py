@@ -4,6 +4,7 @@ official directories (bf16 into the dtype asked for), and clear errors."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,14 @@ import torch
 from vargpt.checkpoint import SHIPPED_CHECKPOINT, default_checkpoint, save_checkpoint
 from vargpt.config import get_preset
 from vargpt.engine import Engine
-from vargpt.generation.params import ImageParams, TextParams
+from vargpt.generation.params import (
+    IMAGE_CONFIG_FILE,
+    OFFICIAL_SAMPLING,
+    ImageParams,
+    TextParams,
+    load_sampling_defaults,
+    save_sampling_defaults,
+)
 from vargpt.processing.processor import Processor
 from vargpt.processing.tokenizer import char_tokenizer
 
@@ -138,3 +146,68 @@ def test_official_directory_loads_in_the_dtype_asked_for(dtype) -> None:
     assert {p.dtype for p in engine.model.parameters()} == {want}
     (img,) = engine.generate_images(["x"], ImageParams(seed=0, top_k=1))
     assert img.image.size == (64, 64) and img.params["cfg_mode"] == "official"
+
+
+# ------------------------------------------------------------------------------------ default sampling settings
+def test_checkpoint_sampling_defaults_fill_unset_fields_and_explicit_values_win(saved, tmp_path) -> None:
+    path, engine = saved
+    assert Engine.load(path).sampling == ImageParams(**OFFICIAL_SAMPLING)  # no file: the official settings
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(path, ckpt)
+    written = save_sampling_defaults(ckpt, ImageParams(cfg_scale=6.0, temperature=1.0, top_k=0, top_p=0.0))
+    assert json.loads(written.read_text()) == {"cfg_scale": 6.0, "temperature": 1.0, "top_k": 0, "top_p": 0.0}
+    loaded = Engine.load(ckpt)
+    p = loaded.resolve(ImageParams(seed=4))
+    assert (p.cfg_scale, p.temperature, p.top_k, p.top_p, p.seed) == (6.0, 1.0, 0, 0.0, 4)
+    p = loaded.resolve(ImageParams(seed=4, temperature=0.25, top_p=0.9))  # set fields are kept
+    assert (p.cfg_scale, p.temperature, p.top_p) == (6.0, 0.25, 0.9)
+    assert engine.resolve(None).temperature == OFFICIAL_SAMPLING["temperature"]
+    # the defaults change what is drawn exactly as the same values given explicitly do, and results record them
+    explicit = ImageParams(seed=5, cfg_scale=6.0, temperature=1.0, top_k=0, top_p=0.0)
+    a = loaded.generate_images(["a red circle"], ImageParams(seed=5))[0]
+    b = engine.generate_images(["a red circle"], explicit)[0]
+    assert a.image.tobytes() == b.image.tobytes() and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits,
+                                                                                           strict=True))
+    assert a.params == b.params and a.params["temperature"] == 1.0
+    c = engine.generate_images(["a red circle"], ImageParams(seed=5))[0]
+    assert c.params["temperature"] == 0.5 and c.params["top_p"] == 0.97
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"temperature": 1.0, "tau": 2}', "unknown field 'tau'"),
+    ('{"temperature": -1}', "temperature=-1: expected a number >= 0"),
+    ('{"top_p": 1.5}', "top_p=1.5: expected a number in [0, 1]"),
+    ('{"top_k": 1.5}', "top_k=1.5: expected an integer >= 0"),
+    ('{"cfg_scale": null}', "cfg_scale=None: expected a value"),
+    ('{"cfg_scale": "3"}', "cfg_scale='3': expected a number >= 0"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"cfg_scale": 3,\n', ":2: malformed JSON"),
+])
+def test_bad_sampling_defaults_file_names_the_file_and_field(tmp_path, content, message) -> None:
+    f = tmp_path / IMAGE_CONFIG_FILE
+    f.write_text(content)
+    with pytest.raises(ValueError) as e:
+        load_sampling_defaults(tmp_path)
+    assert str(e.value).startswith(str(f)) and message in str(e.value)
+
+
+def test_engine_rejects_unknown_sampling_fields(saved) -> None:
+    _, engine = saved
+    with pytest.raises(ValueError, match="sampling: unknown field 'seed'"):
+        Engine(engine.model, engine.processor, sampling={"seed": 3})
+    with pytest.raises(ValueError, match="temperature=-2"):
+        Engine(engine.model, engine.processor, sampling={"temperature": -2})
+
+
+def test_convert_keeps_the_sampling_defaults(saved, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from vargpt.cli import app
+
+    path, _ = saved
+    src = tmp_path / "src"
+    shutil.copytree(path, src)
+    save_sampling_defaults(src, ImageParams(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=0.0))
+    r = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bf16"), "--dtype", "bf16"])
+    assert r.exit_code == 0, r.output
+    assert Engine.load(tmp_path / "bf16").sampling == Engine.load(src).sampling != ImageParams(**OFFICIAL_SAMPLING)

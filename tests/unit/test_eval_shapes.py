@@ -85,3 +85,12 @@ def test_a_random_model_scores_near_zero_on_generation() -> None:
     result = run_suite(engine, "generation", limit=2)
     assert result.scores["overall"] == 0.0
     assert all(it["pass"] is False for it in result.items) and len(result.items) == 16
+
+
+def test_a_suite_runs_on_given_items_without_changing_them(oracle) -> None:
+    items = generation_items(per_category=2, seed=12345)  # e.g. validation prompts for choosing sampling settings
+    assert {it["prompt"] for it in items} != {it["prompt"] for it in generation_items(per_category=2)}
+    result = run_suite(oracle, "generation", items=items)
+    assert [it["prompt"] for it in result.items] == [it["prompt"] for it in items]
+    assert result.scores["overall"] == 1.0 and len(result.items) == 16
+    assert all("pass" not in it and "image" not in it for it in items)

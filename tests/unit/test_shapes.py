@@ -175,3 +175,24 @@ def test_build_split_writes_records_in_the_official_format(tmp_path) -> None:
         from PIL import Image
 
         assert check_gen(prompt, read_image(Image.open(tmp_path / r["images"][0])))
+
+
+def test_one_object_questions_are_extra_and_leave_the_split_unchanged(tmp_path) -> None:
+    held_out = [random_scene(random.Random(1)) for _ in range(5)]
+    plain = build_split(tmp_path / "a", seed=3, n_understanding=5, n_generation=8, n_editing=4, exclude=held_out)
+    more = build_split(tmp_path / "b", seed=3, n_understanding=5, n_generation=8, n_editing=4, exclude=held_out,
+                       n_single=12)
+    assert plain.understanding_single is None
+    for name in ("understanding", "generation", "editing"):  # the same records as without the warm-up set
+        assert getattr(plain, name).read_text() == getattr(more, name).read_text()
+    from PIL import Image
+
+    single = [json.loads(line) for line in more.understanding_single.read_text().splitlines()]
+    assert len(single) == 12
+    kinds = set()
+    for r in single:
+        objs = read_image(Image.open(tmp_path / "b" / r["images"][0]))
+        assert len(objs) == 1
+        question = r["messages"][0]["content"].removeprefix("<image>")
+        kinds.add(parse_question(question)[0])
+    assert len(kinds) >= 4  # every question kind is askable about one object

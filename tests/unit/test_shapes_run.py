@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from vargpt.cli import app
 from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams
+from vargpt.train.shapes import SAMPLING_CANDIDATES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,11 +22,16 @@ def test_quick_shapes_run_end_to_end(tmp_path) -> None:
     r = runner.invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--quick"])
     assert r.exit_code == 0, r.output
     log = (tmp_path / "run" / "log.txt").read_text()
-    for phase in ("data:", "tokenizer:", "stage1:", "stage2:", "stage3a (first-3)", "stage3b", "stage3c (first-5)",
-                  "stage3d", "edit:", "done in"):
+    for phase in ("data:", "tokenizer:", "stage1:", "stage2_warmup:", "stage2:", "stage3a (first-3)", "stage3b",
+                  "stage3c (first-5)", "stage3c: default sampling", "stage3d", "edit:", "done in"):
         assert phase in log, phase
+    # the sampling defaults chosen on validation prompts before the last DPO round ship with every checkpoint after it
+    chosen = re.search(r"stage3c: default sampling cfg (\S+) tau (\S+) top-p (\S+)", log).groups()
+    assert log.count("stage3c: sampling cfg") == len(SAMPLING_CANDIDATES)
     for ckpt in ("pre_dpo", "post_dpo", "final"):
         engine = Engine.load(tmp_path / "run" / ckpt)
+        assert tuple(map(float, chosen)) == (engine.sampling.cfg_scale, engine.sampling.temperature,
+                                             engine.sampling.top_p)
         (img,) = engine.generate_images(["a red circle"], ImageParams(seed=0))
         assert img.image.size == (64, 64)
     assert json.loads((tmp_path / "run" / "final" / "preprocessor_config.json").read_text())["min_pixels"] == 112**2

@@ -110,20 +110,20 @@ def _batches(items: list, size: int, desc: str):
 
 
 def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, batch_size: int = 32,
-              limit: int | None = None, out_dir: str | Path | None = None) -> SuiteResult:
-    """Run one suite (``limit`` takes the first items of each category, for quick checks)."""
+              limit: int | None = None, out_dir: str | Path | None = None,
+              items: list[dict] | None = None) -> SuiteResult:
+    """Run one suite (``limit`` takes the first items of each category, for quick checks). ``items``: other items of
+    the suite's form (e.g. ``generation_items(seed=...)`` for a validation set) instead of the held-out ones."""
     if suite not in SUITES:
         raise ValueError(f"suite={suite!r}: expected one of {SUITES} (or 'all' on the command line)")
     params = params or ImageParams()
     proc = engine.processor
     if suite == "tokenizer":
         return _tokenizer_suite(engine, limit=limit, batch_size=batch_size, out_dir=out_dir)
-    if suite == "generation":
-        items = generation_items()
-    elif suite == "understanding":
-        items = understanding_items()
-    else:
-        items = editing_items()
+    if items is None:
+        items = {"generation": generation_items, "understanding": understanding_items,
+                 "editing": editing_items}[suite]()
+    items = [dict(it) for it in items]  # results are written into the items
     if limit:
         per = defaultdict(int)
         kept = []

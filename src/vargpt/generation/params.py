@@ -1,18 +1,23 @@
 """Generation parameters: plain, validated, serialisable dataclasses (every result records the ones it used).
 
-``TextParams`` drive next-token decoding, ``ImageParams`` the next-scale image loop (SPEC.md §1.4). Defaults of
-``ImageParams`` are the official VARGPT-v1.1 inference settings (CFG 3 on logits, tau 0.5, per-bit top-p 0.97,
-aspect 1:1) except the seed, which the official code takes from the clock and we take from the caller.
+``TextParams`` drive next-token decoding, ``ImageParams`` the next-scale image loop (SPEC.md §1.4). The sampling
+fields of ``ImageParams`` (``SAMPLING_FIELDS``) default to None = the checkpoint's defaults: its
+``image_generation_config.json`` (``IMAGE_CONFIG_FILE``, written by the training run that chose them) where it has
+one, else the official VARGPT-v1.1 inference settings (``OFFICIAL_SAMPLING``: CFG 3 on logits, tau 0.5, per-bit
+top-p 0.97). The seed, which the official code takes from the clock, comes from the caller.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from vargpt.models.vae.schedules import ASPECT_TEMPLATES
 
-__all__ = ["TextParams", "ImageParams", "CFG_MODES", "POSITION_MODES"]
+__all__ = ["TextParams", "ImageParams", "CFG_MODES", "POSITION_MODES", "SAMPLING_FIELDS", "OFFICIAL_SAMPLING",
+           "IMAGE_CONFIG_FILE", "load_sampling_defaults", "save_sampling_defaults"]
 
 #: Unconditional CFG branches. ``official``: the released construction (the LLM runs each scale's chunk with no
 #: context at all, positions from 0; the decoder cross-attends the first n rows of the learned ``uncond_embedding``
@@ -23,6 +28,12 @@ CFG_MODES = ("official", "null_prompt")
 #: the M-RoPE delta of understanding images); ``mrope``: the continuation of the text positions (= training with
 #: M-RoPE positions). Identical when the prompt holds no understanding image.
 POSITION_MODES = ("official", "mrope")
+#: The per-bit sampling settings a checkpoint may set defaults for (None in ``ImageParams`` = the default).
+SAMPLING_FIELDS = ("cfg_scale", "temperature", "top_k", "top_p")
+#: The official VARGPT-v1.1 settings: the defaults of a checkpoint without ``IMAGE_CONFIG_FILE``.
+OFFICIAL_SAMPLING = {"cfg_scale": 3.0, "temperature": 0.5, "top_k": 0, "top_p": 0.97}
+#: A checkpoint directory's default image-sampling settings (a JSON object of some of ``SAMPLING_FIELDS``).
+IMAGE_CONFIG_FILE = "image_generation_config.json"
 
 
 def _check(cond: bool, field_name: str, value, expected: str) -> None:
@@ -65,6 +76,9 @@ class TextParams:
 class ImageParams:
     """Next-scale image generation (per-bit sampling, classifier-free guidance on logits).
 
+    The sampling fields (``cfg_scale``, ``temperature``, ``top_k``, ``top_p``) left None take the engine's defaults:
+    the checkpoint's ``image_generation_config.json``, else ``OFFICIAL_SAMPLING``.
+
     Args:
         cfg_scale: guidance scale; logits = cfg * cond + (1 - cfg) * uncond (1 = no guidance, the unconditional
             branch is skipped).
@@ -81,27 +95,73 @@ class ImageParams:
             k-th image of a chat turn uses ``seed + k``).
     """
 
-    cfg_scale: float = 3.0
+    cfg_scale: float | None = None
     cfg_mode: str | None = None
-    temperature: float = 0.5
-    top_k: int = 0
-    top_p: float = 0.97
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     aspect_ratio: float = 1.0
     schedule: str | None = None
     positions: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, "a number >= 0")
+        _check_sampling(self)
+        if self.top_k is not None:
+            self.top_k = int(self.top_k)
         _check(self.cfg_mode is None or self.cfg_mode in CFG_MODES, "cfg_mode", self.cfg_mode, f"one of {CFG_MODES}")
         _check(self.positions is None or self.positions in POSITION_MODES, "positions", self.positions,
                f"one of {POSITION_MODES}")
-        _check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = argmax per bit)")
-        _check(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
-        _check(0 <= self.top_p <= 1, "top_p", self.top_p, "a number in [0, 1] (0 = off)")
         lo, hi = min(ASPECT_TEMPLATES), max(ASPECT_TEMPLATES)
         _check(self.aspect_ratio > 0, "aspect_ratio", self.aspect_ratio,
                f"a positive height/width ratio (templates span {lo}..{hi})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_sampling(p) -> None:
+    """Validate the sampling fields of ``p`` (an ``ImageParams``; None = unset)."""
+    checks = {"cfg_scale": (lambda v: v >= 0, "a number >= 0"),
+              "temperature": (lambda v: v >= 0, "a number >= 0 (0 = argmax per bit)"),
+              "top_k": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0 (0 = off)"),
+              "top_p": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)")}
+    for name, (ok, expected) in checks.items():
+        v = getattr(p, name)
+        _check(v is None or (isinstance(v, int | float) and not isinstance(v, bool) and ok(v)), name, v, expected)
+
+
+def load_sampling_defaults(path: str | Path) -> dict:
+    """The default sampling settings of checkpoint directory ``path``: ``OFFICIAL_SAMPLING`` overridden by its
+    ``IMAGE_CONFIG_FILE`` when present. A malformed file raises ``ValueError`` naming the file and the field."""
+    out = dict(OFFICIAL_SAMPLING)
+    f = Path(path) / IMAGE_CONFIG_FILE
+    if not f.is_file():
+        return out
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{f}: expected a JSON object of {', '.join(SAMPLING_FIELDS)}")
+    unknown = sorted(set(data) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise ValueError(f"{f}: unknown field {unknown[0]!r}; expected some of {', '.join(SAMPLING_FIELDS)}")
+    unset = [k for k, v in data.items() if v is None]
+    if unset:
+        raise ValueError(f"{f}: {unset[0]}=None: expected a value")
+    try:
+        ImageParams(**data)
+    except ValueError as e:
+        raise ValueError(f"{f}: {e}") from None
+    out.update(data)
+    return out
+
+
+def save_sampling_defaults(path: str | Path, params: ImageParams) -> Path:
+    """Write the sampling fields set in ``params`` as checkpoint directory ``path``'s defaults."""
+    _check(all(getattr(params, k) is not None for k in SAMPLING_FIELDS), "params", params,
+           f"every one of {', '.join(SAMPLING_FIELDS)} set")
+    f = Path(path) / IMAGE_CONFIG_FILE
+    f.write_text(json.dumps({k: getattr(params, k) for k in SAMPLING_FIELDS}, indent=1) + "\n")
+    return f

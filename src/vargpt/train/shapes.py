@@ -8,10 +8,14 @@ the stages that officially start from pretrained parts also train those parts he
 1. tokenizer: the BSQ multi-scale VAE on the training images (``vargpt.train.vae``);
 2. stage 1 (generation alignment): projectors + start vector, and -- from scratch -- the visual decoder;
 3. stage 2 (mixed SFT): the LLM + lm_head, and -- from scratch -- the ViT, the decoder and the projectors, on all
-   three tasks (one task per batch where possible);
+   three tasks (one task per batch where possible), after a warm-up on questions about one-object scenes (a ViT
+   from scratch first learns colours and shapes where no other object can be confused with the one asked about);
 4. stage 3a: decoder + projectors, generation SFT at the lower resolution (32 px, 3 scales);
    stage 3b: DPO at 32 px (pairs sampled by the engine, ranked by the Shapes scorer), reference = 3a;
    stage 3c: generation SFT at the full resolution (64 px, 5 scales); stage 3d: DPO at 64 px, reference = 3c;
+   before each DPO round the default sampling settings are chosen among ``SAMPLING_CANDIDATES`` on validation
+   prompts (``VALIDATION_SEED``, never the suite's); DPO samples its pairs with them and the checkpoints ship them
+   (``image_generation_config.json``);
 5. editing SFT: decoder + projectors and -- because the LLM never saw an edit in stage 2's small budget -- the LLM.
 
 Every phase runs through the shared loop (``vargpt.train.loop.train``) and writes its final weights; the last one is
@@ -37,8 +41,8 @@ from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
 from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.engine import Engine
-from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, run_suite, understanding_items
-from vargpt.generation.params import ImageParams
+from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
+from vargpt.generation.params import OFFICIAL_SAMPLING, SAMPLING_FIELDS, ImageParams, save_sampling_defaults
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
 from vargpt.processing.tokenizer import char_tokenizer
@@ -47,10 +51,20 @@ from vargpt.train.loop import TrainConfig, train
 from vargpt.train.recipes import STAGES, Stage, apply_stage
 from vargpt.train.vae import VAETrainConfig, train_vae
 
-__all__ = ["ShapesRunConfig", "SHAPES_STAGES", "shapes_processor", "shapes_reward", "run_shapes"]
+__all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "shapes_processor",
+           "shapes_reward", "run_shapes"]
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
+#: Seed of the validation prompts the sampling defaults are chosen on (the generation suite uses ``EVAL_SEED``).
+VALIDATION_SEED = EVAL_SEED + 777
+#: Default sampling settings tried before each DPO round (first = the official ones; ties keep the earlier).
+SAMPLING_CANDIDATES = (
+    ImageParams(**OFFICIAL_SAMPLING),
+    ImageParams(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=0.0),
+    ImageParams(cfg_scale=6.0, temperature=1.0, top_k=0, top_p=0.0),
+    ImageParams(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=0.0),
+)
 
 SHAPES_STAGES: dict[str, Stage] = {
     "stage1": Stage(name="shapes-stage1", trainable=("gen_proj_in", "gen_proj_out", "decoder"),
@@ -73,15 +87,19 @@ class ShapesRunConfig:
 
     seed: int = 0
     n_understanding: int = 16000  # answers are a few tokens: stage 2 sees more of them than of the rest
+    n_single: int = 4000  # questions about one-object scenes (the warm-up of stage 2)
     n_generation: int = 6000
     n_editing: int = 3000
+    stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
+    stage2_editing: int = 1000
     vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_foreground_weight: float = 5.0  # small objects on white: without it every colour collapses (EVAL.md)
     vae_mixed_precision: str = "bf16"
     stage1_steps: int = 200
-    stage2_steps: int = 3300
+    stage2_warmup_steps: int = 500
+    stage2_steps: int = 3000
     stage3a_steps: int = 300
     stage3c_steps: int = 700
     dpo_steps: int = 40
@@ -95,13 +113,15 @@ class ShapesRunConfig:
     prompt_drop_rate: float = 0.1
     mixed_precision: str = "bf16"  # the SFT phases (1.4x faster on this CPU than fp32; DPO runs in fp32)
     monitor_every: int = 500  # log a small slice of the suite a phase trains for every n steps (0 = at the end only)
+    sampling_per_category: int = 25  # validation prompts per category for choosing the sampling defaults
 
     @classmethod
     def quick(cls) -> ShapesRunConfig:
         """A few minutes end to end: checks the mechanics, not the quality."""
-        return cls(n_understanding=64, n_generation=64, n_editing=32, vae_steps=20, vae_batch=8, stage1_steps=4,
+        return cls(n_understanding=64, n_single=16, n_generation=64, n_editing=32, stage2_generation=32,
+                   stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
                    stage2_steps=4, stage3a_steps=3, stage3c_steps=3, dpo_steps=2, edit_steps=3, batch_size=4,
-                   dpo_prompts=4, dpo_candidates=2)
+                   dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)
 
 
 #: The ViT's input normalisation for Shapes images: the white background maps to 0 in every channel. With Qwen2-VL's
@@ -144,12 +164,13 @@ def _set_schedule(model: VARGPT, schedule: str) -> None:
     model.config = dataclasses.replace(model.config, gen_schedule=schedule)
 
 
-def _monitor(processor, suite: str, out: Path, name: str, limit: int | None = MONITOR_LIMIT):
+def _monitor(processor, suite: str, out: Path, name: str, limit: int | None = MONITOR_LIMIT,
+             sampling: ImageParams | None = None):
     """An ``eval_fn`` that logs a slice (``limit`` items per category; None = all) of a suite while a phase trains
     -- progress monitoring only: nothing is selected on it; the reported scores are the full suites'."""
 
     def eval_fn(model) -> dict[str, float]:
-        scores = run_suite(Engine(model, processor), suite, limit=limit).scores
+        scores = run_suite(_engine(model, processor, sampling), suite, limit=limit).scores
         _log(out, f"{name}: {suite} ({limit or 'all'} per category) " +
              " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         return {f"{suite}/{k}": v for k, v in scores.items()}
@@ -157,23 +178,43 @@ def _monitor(processor, suite: str, out: Path, name: str, limit: int | None = MO
     return eval_fn
 
 
+def _engine(model, processor, sampling: ImageParams | None) -> Engine:
+    return Engine(model, processor, sampling=sampling and {k: getattr(sampling, k) for k in SAMPLING_FIELDS})
+
+
+def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: str) -> ImageParams:
+    """The candidate of ``SAMPLING_CANDIDATES`` scoring best on the validation prompts (``VALIDATION_SEED``)."""
+    items = generation_items(per_category=run.sampling_per_category, seed=VALIDATION_SEED)
+    model.eval()
+    best, best_score = SAMPLING_CANDIDATES[0], -1.0
+    for cand in SAMPLING_CANDIDATES:
+        score = run_suite(_engine(model, processor, cand), "generation", items=items).scores["overall"]
+        _log(out, f"{name}: sampling cfg {cand.cfg_scale} tau {cand.temperature} top-p {cand.top_p}: "
+                  f"validation {score:.3f} ({len(items)} prompts)")
+        if score > best_score:
+            best, best_score = cand, score
+    _log(out, f"{name}: default sampling cfg {best.cfg_scale} tau {best.temperature} top-p {best.top_p}")
+    return best
+
+
 def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConfig, out: Path, name: str,
-         lr: float | None = None, monitor: str | None = None) -> list[float]:
+         lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None) -> list[float]:
     apply_stage(model, stage)
     gen = torch.Generator().manual_seed(run.seed + zlib.crc32(name.encode()) % 1000)
     collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
     cfg = TrainConfig(lr=lr or run.lr, max_steps=steps, batch_size=run.batch_size, warmup_ratio=0.05,
                       seed=run.seed, out_dir=str(out / name), log_every=max(1, steps // 20),
                       eval_every=run.monitor_every if monitor else 0, mixed_precision=run.mixed_precision)
-    eval_fn = _monitor(processor, monitor, out, name) if monitor else None
+    eval_fn = _monitor(processor, monitor, out, name, sampling=sampling) if monitor else None
     # one task per batch where possible: an answer of a few tokens is not padded to a row with 121 image slots
     tasks = sorted({r.task for r in records})
     result = train(model, records, collate, cfg, eval_fn=eval_fn, group_ids=[tasks.index(r.task) for r in records])
     return result.losses
 
 
-def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int) -> list[float]:
-    engine = Engine(model.eval(), processor)
+def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int,
+         sampling: ImageParams) -> list[float]:
+    engine = _engine(model.eval(), processor, sampling)
     rng = random.Random(run.seed + round_seed)
     prompts = [sample_gen_prompt(rng, GEN_CATEGORIES[i % len(GEN_CATEGORIES)]).text for i in range(run.dpo_prompts)]
     pairs = build_pairs(engine, prompts, n_candidates=run.dpo_candidates, reward_fn=shapes_reward,
@@ -207,11 +248,14 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in editing_items()]
     held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
     split = build_split(out / "data", seed=run.seed + 1, n_understanding=run.n_understanding,
-                        n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out)
+                        n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
+                        n_single=run.n_single)
     und = load_records(split.understanding).records
+    single = load_records(split.understanding_single).records if split.understanding_single else []
     gen = load_records(split.generation).records
     edi = load_records(split.editing).records
-    _log(out, f"data: {len(und)} understanding, {len(gen)} generation, {len(edi)} editing records")
+    _log(out, f"data: {len(und)} understanding (+ {len(single)} one-object), {len(gen)} generation, "
+              f"{len(edi)} editing records")
 
     cfg = get_preset("shapes")
     model = VARGPT(cfg)
@@ -229,48 +273,56 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     _log(out, f"tokenizer: {run.vae_steps} steps, recon {losses[0]['recon']:.4f} -> {losses[-1]['recon']:.4f}")
     _monitor(processor, "tokenizer", out, "tokenizer", limit=None)(model)  # all 500 held-out scenes
 
-    # 2. stage 1, 3. stage 2
+    # 2. stage 1, 3. stage 2 (warm-up on one-object questions, then the mix)
     _set_schedule(model, FULL_RES)
     phases = [("stage1", SHAPES_STAGES["stage1"], gen, run.stage1_steps, "generation"),
-              ("stage2", SHAPES_STAGES["stage2"], und + gen + edi,
+              ("stage2_warmup", SHAPES_STAGES["stage2"], single, run.stage2_warmup_steps, "understanding"),
+              ("stage2", SHAPES_STAGES["stage2"], und + gen[: run.stage2_generation] + edi[: run.stage2_editing],
                run.stage2_steps, "understanding")]
     for name, stage, recs, steps, monitor in phases:
+        if not recs or not steps:
+            continue
         losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor)
         _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
 
-    # 4. stage 3: low resolution, DPO, full resolution, DPO
+    # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
+    sampling = SAMPLING_CANDIDATES[0]
     for name, schedule, steps, dpo_seed in (("stage3a", LOW_RES, run.stage3a_steps, 101),
                                             ("stage3c", FULL_RES, run.stage3c_steps, 303)):
         _set_schedule(model, schedule)
-        losses = _sft(model, processor, gen, SHAPES_STAGES["stage3"], steps, run, out, name, monitor="generation")
+        losses = _sft(model, processor, gen, SHAPES_STAGES["stage3"], steps, run, out, name, monitor="generation",
+                      sampling=sampling)
         _log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
                   f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        sampling = _select_sampling(model, processor, run, out, name)
         dpo_name = {"stage3a": "stage3b", "stage3c": "stage3d"}[name]
         if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
-            _save(model, processor, out / "pre_dpo")
-        losses = _dpo(model, processor, run, out, dpo_name, dpo_seed)
+            _save(model, processor, out / "pre_dpo", sampling)
+        losses = _dpo(model, processor, run, out, dpo_name, dpo_seed, sampling)
         if losses:
             _log(out, f"{dpo_name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        if name == "stage3c":  # ... and the one right after DPO (DPO gain = post_dpo - pre_dpo, same seeds)
-            _save(model, processor, out / "post_dpo")
+        if name == "stage3c":  # ... and the one right after DPO (DPO gain = post_dpo - pre_dpo, same settings)
+            _save(model, processor, out / "post_dpo", sampling)
 
     # 5. editing
     _set_schedule(model, FULL_RES)
     # the LLM trains here too, so understanding records stay in the mix (the first run trained on edits and
     # generation only and its answers collapsed into edit replies, EVAL.md)
     mix = edi + gen[: len(edi)] + und[: len(edi)]
-    losses = _sft(model, processor, mix, SHAPES_STAGES["edit"], run.edit_steps, run, out, "edit", monitor="editing")
+    losses = _sft(model, processor, mix, SHAPES_STAGES["edit"], run.edit_steps, run, out, "edit", monitor="editing",
+                  sampling=sampling)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
 
-    final = _save(model, processor, out / "final")
+    final = _save(model, processor, out / "final", sampling)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
     return final
 
 
-def _save(model: VARGPT, processor: Processor, path: Path) -> Path:
+def _save(model: VARGPT, processor: Processor, path: Path, sampling: ImageParams) -> Path:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
     save_checkpoint(model, path)
     processor.save(path)
+    save_sampling_defaults(path, sampling)
     return path

@@ -3,7 +3,8 @@ training code runs on Shapes and on real data.
 
 ``build_split`` renders scenes to PNG files and writes JSONL files of records:
 
-* understanding: user ``<image>{question}``, assistant ``{answer}``;
+* understanding: user ``<image>{question}``, assistant ``{answer}`` (and, for a warm-up phase, the same over
+  one-object scenes: ``understanding_single.jsonl``);
 * generation: user = the prompt wrapped in a varied instruction, assistant = a short sentence + ``<image_gen>``;
 * editing: user ``<image>{instruction}``, assistant = a short sentence + ``<image_gen>``; images = [source, target].
 
@@ -50,6 +51,7 @@ class SplitPaths:
     understanding: Path
     generation: Path
     editing: Path
+    understanding_single: Path | None = None  # one-object scenes (``n_single`` > 0)
 
 
 def eval_scenes(seed: int, n: int) -> list[Scene]:
@@ -74,29 +76,35 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 
 
 def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_generation: int, n_editing: int,
-                exclude: Iterable[Scene] = (), gen_categories: tuple[str, ...] = GEN_CATEGORIES) -> SplitPaths:
+                exclude: Iterable[Scene] = (), gen_categories: tuple[str, ...] = GEN_CATEGORIES,
+                n_single: int = 0) -> SplitPaths:
     """Render a training split into ``out_dir`` (``images/``, ``understanding.jsonl``, ``generation.jsonl``,
-    ``editing.jsonl``; image paths are relative to ``out_dir``)."""
+    ``editing.jsonl`` and, when ``n_single`` > 0, ``understanding_single.jsonl`` of questions about one-object
+    scenes; image paths are relative to ``out_dir``)."""
     out = Path(out_dir)
     rng = random.Random(seed)
     banned = {s.key() for s in exclude}
 
-    def fresh_scene() -> Scene:
+    def fresh_scene(n: int | None = None) -> Scene:
         while True:
-            s = random_scene(rng)
+            s = random_scene(rng, n)
             if s.key() not in banned:
                 return s
 
-    und, gen, edit = [], [], []
-    for i in range(n_understanding):
-        while True:
-            scene = fresh_scene()
-            qa = sample_question(rng, scene, rng.choice(QUESTION_KINDS))
-            if qa:
-                break
-        path = _save(render(scene), out / "images" / f"u{i:06d}.png")
-        und.append({"messages": [{"role": "user", "content": f"<image>{qa[0]}"},
-                                 {"role": "assistant", "content": qa[1]}], "images": [path]})
+    def questions(n_records: int, prefix: str, n_objects: int | None) -> list[dict]:
+        records = []
+        for i in range(n_records):
+            while True:
+                scene = fresh_scene(n_objects)
+                qa = sample_question(rng, scene, rng.choice(QUESTION_KINDS))
+                if qa:
+                    break
+            path = _save(render(scene), out / "images" / f"{prefix}{i:06d}.png")
+            records.append({"messages": [{"role": "user", "content": f"<image>{qa[0]}"},
+                                         {"role": "assistant", "content": qa[1]}], "images": [path]})
+        return records
+
+    und, gen, edit = questions(n_understanding, "u", None), [], []
     for i in range(n_generation):
         prompt = sample_gen_prompt(rng, gen_categories[i % len(gen_categories)])
         scene = scene_for_prompt(rng, prompt)
@@ -117,5 +125,6 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
         edit.append({"messages": [{"role": "user", "content": f"<image>{e.text}"},
                                   {"role": "assistant", "content": f"{rng.choice(EDIT_REPLIES)}<image_gen>"}],
                      "images": [src, tgt], "meta": {"kind": e.kind}})
+    single = _write_jsonl(out / "understanding_single.jsonl", questions(n_single, "s", 1)) if n_single else None
     return SplitPaths(_write_jsonl(out / "understanding.jsonl", und), _write_jsonl(out / "generation.jsonl", gen),
-                      _write_jsonl(out / "editing.jsonl", edit))
+                      _write_jsonl(out / "editing.jsonl", edit), single)
