@@ -15,7 +15,7 @@ made them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,11 +27,11 @@ from vargpt.checkpoint import default_checkpoint, load_model
 from vargpt.generation.image import ImageBatch, ScaleStep, gen_rows_from_bits, image_steps
 from vargpt.generation.llm_session import LLMSession
 from vargpt.generation.params import (
-    OFFICIAL_SAMPLING,
     SAMPLING_FIELDS,
     ImageParams,
     TextParams,
     load_sampling_defaults,
+    sampling_defaults,
 )
 from vargpt.generation.text import decode_step, extend, left_pad, lm_logits, make_generators, sample_tokens
 from vargpt.models.official import is_official_checkpoint
@@ -123,20 +123,17 @@ class Engine:
         compat: ``"official"`` (defaults that reproduce the released sampler: ``cfg_mode="official"``,
             ``positions="official"``) or ``"native"`` (``cfg_mode="null_prompt"``, M-RoPE positions).
         sampling: defaults of the ``ImageParams`` sampling fields left None (``cfg_scale``, ``temperature``,
-            ``top_k``, ``top_p``); missing keys = ``OFFICIAL_SAMPLING``. ``Engine.load`` passes the checkpoint's
-            ``image_generation_config.json``.
+            ``top_k``, ``top_p``): a mapping of some of them or an ``ImageParams`` (the rest:
+            ``OFFICIAL_SAMPLING``). ``Engine.load`` passes the checkpoint's ``image_generation_config.json``.
     """
 
     def __init__(self, model: VARGPT, processor: Processor, *, compat: str = "native",
                  micro_batch: int | None = None, decode_chunk: int | None = None,
-                 sampling: dict | None = None) -> None:
+                 sampling: Mapping | ImageParams | None = None) -> None:
         if compat not in ("official", "native"):
             raise ValueError(f"compat={compat!r}: expected 'official' or 'native'")
-        unknown = sorted(set(sampling or {}) - set(SAMPLING_FIELDS))
-        if unknown:
-            raise ValueError(f"sampling: unknown field {unknown[0]!r}; expected some of {', '.join(SAMPLING_FIELDS)}")
-        #: the resolved defaults of the sampling fields (validated as ImageParams)
-        self.sampling = ImageParams(**{**OFFICIAL_SAMPLING, **(sampling or {})})
+        #: the defaults of the sampling fields (``ImageParams`` with every one of them set)
+        self.sampling = sampling_defaults(sampling)
         self.model = model.eval()
         self.processor = processor
         self.config = model.config

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from vargpt.models.vae.schedules import ASPECT_TEMPLATES
 
 __all__ = ["TextParams", "ImageParams", "CFG_MODES", "POSITION_MODES", "SAMPLING_FIELDS", "OFFICIAL_SAMPLING",
-           "IMAGE_CONFIG_FILE", "load_sampling_defaults", "save_sampling_defaults"]
+           "IMAGE_CONFIG_FILE", "sampling_defaults", "load_sampling_defaults", "save_sampling_defaults"]
 
 #: Unconditional CFG branches. ``official``: the released construction (the LLM runs each scale's chunk with no
 #: context at all, positions from 0; the decoder cross-attends the first n rows of the learned ``uncond_embedding``
@@ -131,31 +132,38 @@ def _check_sampling(p) -> None:
         _check(v is None or (isinstance(v, int | float) and not isinstance(v, bool) and ok(v)), name, v, expected)
 
 
-def load_sampling_defaults(path: str | Path) -> dict:
-    """The default sampling settings of checkpoint directory ``path``: ``OFFICIAL_SAMPLING`` overridden by its
-    ``IMAGE_CONFIG_FILE`` when present. A malformed file raises ``ValueError`` naming the file and the field."""
-    out = dict(OFFICIAL_SAMPLING)
+def sampling_defaults(values: Mapping | ImageParams | None = None, where: str = "sampling") -> ImageParams:
+    """``OFFICIAL_SAMPLING`` overridden by ``values`` (a mapping of some of ``SAMPLING_FIELDS``, each set, or the
+    fields set in an ``ImageParams``), validated; a bad key or value raises ``ValueError`` starting with ``where``."""
+    if isinstance(values, ImageParams):
+        values = {k: getattr(values, k) for k in SAMPLING_FIELDS if getattr(values, k) is not None}
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}; expected some of {', '.join(SAMPLING_FIELDS)}")
+    unset = [k for k, v in values.items() if v is None]
+    if unset:
+        raise ValueError(f"{where}: {unset[0]}=None: expected a value")
+    try:
+        return ImageParams(**{**OFFICIAL_SAMPLING, **values})
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load_sampling_defaults(path: str | Path) -> ImageParams:
+    """The default sampling settings of checkpoint directory ``path`` (``sampling_defaults`` of its
+    ``IMAGE_CONFIG_FILE``; none = ``OFFICIAL_SAMPLING``). A malformed file raises ``ValueError`` naming the file and
+    the field."""
     f = Path(path) / IMAGE_CONFIG_FILE
     if not f.is_file():
-        return out
+        return sampling_defaults()
     try:
         data = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}:{e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{f}: expected a JSON object of {', '.join(SAMPLING_FIELDS)}")
-    unknown = sorted(set(data) - set(SAMPLING_FIELDS))
-    if unknown:
-        raise ValueError(f"{f}: unknown field {unknown[0]!r}; expected some of {', '.join(SAMPLING_FIELDS)}")
-    unset = [k for k, v in data.items() if v is None]
-    if unset:
-        raise ValueError(f"{f}: {unset[0]}=None: expected a value")
-    try:
-        ImageParams(**data)
-    except ValueError as e:
-        raise ValueError(f"{f}: {e}") from None
-    out.update(data)
-    return out
+    return sampling_defaults(data, str(f))
 
 
 def save_sampling_defaults(path: str | Path, params: ImageParams) -> Path:

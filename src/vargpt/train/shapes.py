@@ -42,7 +42,7 @@ from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read
 from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
-from vargpt.generation.params import OFFICIAL_SAMPLING, SAMPLING_FIELDS, ImageParams, save_sampling_defaults
+from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, save_sampling_defaults
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
 from vargpt.processing.tokenizer import char_tokenizer
@@ -170,16 +170,12 @@ def _monitor(processor, suite: str, out: Path, name: str, limit: int | None = MO
     -- progress monitoring only: nothing is selected on it; the reported scores are the full suites'."""
 
     def eval_fn(model) -> dict[str, float]:
-        scores = run_suite(_engine(model, processor, sampling), suite, limit=limit).scores
+        scores = run_suite(Engine(model, processor, sampling=sampling), suite, limit=limit).scores
         _log(out, f"{name}: {suite} ({limit or 'all'} per category) " +
              " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         return {f"{suite}/{k}": v for k, v in scores.items()}
 
     return eval_fn
-
-
-def _engine(model, processor, sampling: ImageParams | None) -> Engine:
-    return Engine(model, processor, sampling=sampling and {k: getattr(sampling, k) for k in SAMPLING_FIELDS})
 
 
 def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: str) -> ImageParams:
@@ -188,7 +184,7 @@ def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: st
     model.eval()
     best, best_score = SAMPLING_CANDIDATES[0], -1.0
     for cand in SAMPLING_CANDIDATES:
-        score = run_suite(_engine(model, processor, cand), "generation", items=items).scores["overall"]
+        score = run_suite(Engine(model, processor, sampling=cand), "generation", items=items).scores["overall"]
         _log(out, f"{name}: sampling cfg {cand.cfg_scale} tau {cand.temperature} top-p {cand.top_p}: "
                   f"validation {score:.3f} ({len(items)} prompts)")
         if score > best_score:
@@ -214,7 +210,7 @@ def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConf
 
 def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int,
          sampling: ImageParams) -> list[float]:
-    engine = _engine(model.eval(), processor, sampling)
+    engine = Engine(model.eval(), processor, sampling=sampling)
     rng = random.Random(run.seed + round_seed)
     prompts = [sample_gen_prompt(rng, GEN_CATEGORIES[i % len(GEN_CATEGORIES)]).text for i in range(run.dpo_prompts)]
     pairs = build_pairs(engine, prompts, n_candidates=run.dpo_candidates, reward_fn=shapes_reward,
