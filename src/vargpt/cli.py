@@ -176,8 +176,10 @@ def generate(
     n: Annotated[int, typer.Option(help="Images per prompt (single form: OUTPUT-k.png when > 1).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed; item i uses seed + i.")] = 0,
     aspect_ratio: Annotated[float, typer.Option(help="Height / width (nearest of the 15 templates).")] = 1.0,
-    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Per-bit sampling temperature.")] = None,
+    cfg: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance scale (default: the checkpoint's).")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="Per-bit sampling temperature (default: the checkpoint's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
 ) -> None:
@@ -216,8 +218,10 @@ def edit(
     edits_file: Annotated[Path | None, typer.Option(help='JSONL of {"image": PATH, "instruction": TEXT}.')] = None,
     out_dir: Annotated[Path, typer.Option(help="Folder of NNNNN.png (batch form).")] = Path("out/edit"),
     seed: Annotated[int, typer.Option(help="Seed; item i uses seed + i.")] = 0,
-    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Per-bit sampling temperature.")] = None,
+    cfg: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance scale (default: the checkpoint's).")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="Per-bit sampling temperature (default: the checkpoint's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Edits per batch.")] = 16,
     checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
 ) -> None:

@@ -20,8 +20,9 @@ Routes (those under ``/v1`` need ``Authorization: Bearer KEY`` when the app has 
 ``POST /v1/images/generations``
     ``prompt``, ``n``, ``size`` "WxH" or ``aspect_ratio`` (h / w; the nearest of the 15 templates is drawn at the
     model's pixel budget), ``seed`` (image i uses seed + i; random when absent), ``cfg_scale``, ``temperature``,
-    ``top_k``, ``top_p``, ``response_format`` "b64_json" -> ``{"created", "size", "output_format": "png",
-    "data": [{"b64_json", "seed"}]}``. Concurrent requests with equal parameters (the seed aside) are batched.
+    ``top_k``, ``top_p`` (absent: the checkpoint's defaults, ``Engine.sampling``), ``response_format``
+    "b64_json" -> ``{"created", "size", "output_format": "png", "data": [{"b64_json", "seed"}]}``. Concurrent
+    requests with equal parameters (the seed aside) are batched.
 ``POST /v1/images/edits``
     ``multipart/form-data`` with an ``image`` file and the same fields as form fields, or JSON with ``image`` as
     a data URL; same answer. Without size/aspect_ratio the source image's aspect ratio is kept.
