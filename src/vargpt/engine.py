@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,13 +26,8 @@ from PIL import Image
 from vargpt.checkpoint import default_checkpoint, load_model
 from vargpt.generation.image import ImageBatch, ScaleStep, gen_rows_from_bits, image_steps
 from vargpt.generation.llm_session import LLMSession
-from vargpt.generation.params import (
-    SAMPLING_FIELDS,
-    ImageParams,
-    TextParams,
-    load_sampling_defaults,
-    sampling_defaults,
-)
+from vargpt.generation.params import SAMPLING_FIELDS, ImageParams, TextParams, load_sampling_defaults, sampling_defaults
+from vargpt.generation.results import ChatResult, Done, Event, GeneratedImage, ImageDone, ImagePreview, TextDelta
 from vargpt.generation.text import decode_step, extend, left_pad, lm_logits, make_generators, sample_tokens
 from vargpt.models.official import is_official_checkpoint
 from vargpt.models.vae import multiscale_encode
@@ -53,61 +48,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)} (fp16 is not supported on CPU)")
     return _DTYPES[dtype]
-
-
-# ------------------------------------------------------------------------------------------------------ results
-@dataclass
-class GeneratedImage:
-    """One generated image and everything needed to reproduce it."""
-
-    image: Image.Image
-    seed: int
-    params: dict  # the resolved ImageParams
-    schedule: Schedule
-    bits: list[torch.Tensor]  # per scale (h*w, d) int64, CPU
-    seconds: float  # wall time of the call that produced it, divided by the batch size
-    logits: list[torch.Tensor] | None = None  # with return_tensors: per scale (h*w, d, 2), tempered and guided
-    decoded: torch.Tensor | None = None  # with return_tensors: (3, H, W) float in [-1, 1] before rounding
-
-
-@dataclass
-class ChatResult:
-    """One assistant turn: its text, its images, and the message to append to the conversation."""
-
-    text: str  # generated text; each image appears as "<image>"
-    images: list[GeneratedImage]
-    token_ids: list[int]  # generated ids (an image as <|image_gen_start|> P x <|image_gen_pad|> <|image_gen_end|>)
-    message: dict  # {"role": "assistant", "content": [...]} with "image_gen" items (bits included)
-    finish_reason: str  # "stop" (end of turn) or "length"
-    text_params: dict = field(default_factory=dict)
-
-
-@dataclass
-class TextDelta:
-    text: str
-
-
-@dataclass
-class ImagePreview:
-    """The image decoded from the codes accumulated after scale ``scale_index`` (of ``num_scales``)."""
-
-    scale_index: int
-    num_scales: int
-    image: Image.Image
-    row: int = 0  # which image of a batch
-
-
-@dataclass
-class ImageDone:
-    image: GeneratedImage
-
-
-@dataclass
-class Done:
-    result: ChatResult
-
-
-Event = TextDelta | ImagePreview | ImageDone | Done
 
 
 # ------------------------------------------------------------------------------------------------------- engine
