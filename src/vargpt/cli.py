@@ -119,14 +119,12 @@ def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def _image_params(seed: int, aspect_ratio: float, cfg: float | None, temperature: float | None):
+def _image_params(seed: int, aspect_ratio: float, cfg: float | None, temperature: float | None,
+                  top_p: float | None = None):
+    """ImageParams from the command's options (None = the checkpoint's default)."""
     from vargpt.generation.params import ImageParams
 
-    kw = {"seed": seed, "aspect_ratio": aspect_ratio}
-    if cfg is not None:
-        kw["cfg_scale"] = cfg
-    if temperature is not None:
-        kw["temperature"] = temperature
+    kw = {"seed": seed, "aspect_ratio": aspect_ratio, "cfg_scale": cfg, "temperature": temperature, "top_p": top_p}
     try:
         return ImageParams(**kw)
     except ValueError as e:
@@ -459,20 +457,31 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Items per category (quick checks; default: the full suite).")]
     = None,
     batch_size: Annotated[int, typer.Option(help="Items per engine call.")] = 32,
+    cfg: Annotated[float | None, typer.Option(
+        help="Generation / editing: guidance scale (default: the checkpoint's).")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="Generation / editing: per-bit temperature (default: the checkpoint's).")] = None,
+    top_p: Annotated[float | None, typer.Option(
+        help="Generation / editing: per-bit top-p, 0 = off (default: the checkpoint's).")] = None,
     checkpoint: CheckpointOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = "cpu",
 ) -> None:
-    """Score a checkpoint on the held-out Shapes suites (fixed seeds): per-category and overall scores."""
+    """Score a checkpoint on the held-out Shapes suites (fixed seeds): per-category and overall scores; the
+    generation and editing results record the sampling settings they used."""
     if world != "shapes":
         _fail(f"unknown benchmark {world!r}; expected 'shapes'")
     from vargpt.eval.shapes import SUITES, run_suite
+    from vargpt.generation.params import SAMPLING_FIELDS
 
     suites = SUITES if suite == "all" else (suite,)
     if any(s not in SUITES for s in suites):
         _fail(f"--suite {suite}: expected one of {', '.join(SUITES)} or all")
+    params = _image_params(0, 1.0, cfg, temperature, top_p)
     engine = _engine(checkpoint, dtype, device)
     for name in suites:
-        result = run_suite(engine, name, batch_size=batch_size, limit=limit, out_dir=out)
+        result = run_suite(engine, name, params=params, batch_size=batch_size, limit=limit, out_dir=out)
         typer.echo(f"\n{result.to_markdown()}")
+        if result.params:
+            typer.echo("sampling: " + ", ".join(f"{k} {result.params[k]}" for k in SAMPLING_FIELDS))
     typer.echo(f"\nresults in {out}")
 
 

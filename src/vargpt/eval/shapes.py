@@ -51,6 +51,7 @@ class SuiteResult:
     scores: dict[str, float]  # per category + "overall"
     counts: dict[str, int]
     items: list[dict] = field(default_factory=list)
+    params: dict | None = None  # generation / editing: the resolved ImageParams (seed = the base seed)
 
     def to_markdown(self) -> str:
         lines = [f"| {self.suite} category | n | score |", "|---|---|---|"]
@@ -162,7 +163,8 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
                 it["image"] = img.image
                 it["pass"] = reads_back(img.image, it["target"])
     scores, counts = _score(items)
-    result = SuiteResult(suite, scores, counts, items)
+    result = SuiteResult(suite, scores, counts, items,
+                         params=engine.resolve(params).to_dict() if suite != "understanding" else None)
     if out_dir is not None:
         write_result(result, out_dir)
     return result
@@ -219,7 +221,8 @@ def write_result(result: SuiteResult, out_dir: str | Path, grid_items: int = 32)
         row = {k: v for k, v in it.items() if k not in ("image", "scene", "target")}
         rows.append(row)
     (out / f"{result.suite}.json").write_text(json.dumps({"suite": result.suite, "scores": result.scores,
-                                                          "counts": result.counts, "items": rows}, indent=1))
+                                                          "counts": result.counts, "params": result.params,
+                                                          "items": rows}, indent=1))
     (out / f"{result.suite}.md").write_text(result.to_markdown() + "\n")
     pics = [it.get("image") or render(it["scene"]) for it in result.items[:grid_items]]
     if pics:

@@ -16,7 +16,8 @@ the stages that officially start from pretrained parts also train those parts he
    before each DPO round the default sampling settings are chosen among ``SAMPLING_CANDIDATES`` on validation
    prompts (``VALIDATION_SEED``, never the suite's); DPO samples its pairs with them and the checkpoints ship them
    (``image_generation_config.json``);
-5. editing SFT: decoder + projectors and -- because the LLM never saw an edit in stage 2's small budget -- the LLM.
+5. editing SFT: decoder + projectors and -- because the LLM never saw an edit in stage 2's small budget -- the LLM;
+   then the final checkpoint's sampling defaults are chosen again the same way.
 
 Every phase runs through the shared loop (``vargpt.train.loop.train``) and writes its final weights; the last one is
 the complete checkpoint directory ``DIR/final`` (config, weights, tokenizer, preprocessor settings).
@@ -309,6 +310,9 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
                   sampling=sampling)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
 
+    # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
+    # model), so the final checkpoint's defaults are chosen again, the same way
+    sampling = _select_sampling(model, processor, run, out, "edit")
     final = _save(model, processor, out / "final", sampling)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
     return final
