@@ -59,7 +59,8 @@ LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 
 MONITOR_LIMIT = 4
 #: Seed of the validation prompts the sampling defaults are chosen on (the generation suite uses ``EVAL_SEED``).
 VALIDATION_SEED = EVAL_SEED + 777
-#: Default sampling settings tried before each DPO round (first = the official ones; ties keep the earlier).
+#: Default sampling settings tried before each DPO round and after the editing SFT (first = the official ones; ties
+#: keep the earlier).
 SAMPLING_CANDIDATES = (
     ImageParams(**OFFICIAL_SAMPLING),
     ImageParams(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=0.0),
@@ -277,7 +278,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
               ("stage2", SHAPES_STAGES["stage2"], und + gen[: run.stage2_generation] + edi[: run.stage2_editing],
                run.stage2_steps, "understanding")]
     for name, stage, recs, steps, monitor in phases:
-        if not recs or not steps:
+        if not recs or not steps:  # e.g. n_single = 0: no warm-up
+            _log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
             continue
         losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor)
         _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
