@@ -139,6 +139,11 @@ class VAEConfig:
     num_res_blocks: int = 2
     in_channels: int = 3
     norm_eps: float = 1e-6
+    #: Padding of every convolution and of the downsampling pad: "zeros" (the official model) or "replicate". With
+    #: zeros every latent position of a small image sees the canvas border, so a plain background encodes to a
+    #: different latent at every position (EVAL.md, Shapes); with "replicate" a constant image encodes to one
+    #: constant latent and a constant code decodes to a constant image. It changes no weight shape.
+    padding_mode: str = "zeros"
 
     @property
     def downsample(self) -> int:
@@ -153,6 +158,8 @@ class VAEConfig:
             _require(c % 32 == 0 or c % 24 == 0, "VAEConfig.base_channels",
                      f"every level width must be a multiple of 32 or 24 (GroupNorm groups), got {c}")
         _require(self.codebook_dim >= 1, "VAEConfig.codebook_dim", "must be >= 1")
+        _require(self.padding_mode in ("zeros", "replicate"), "VAEConfig.padding_mode",
+                 f"expected 'zeros' or 'replicate', got {self.padding_mode!r}")
 
 
 @dataclass(kw_only=True)
@@ -346,7 +353,8 @@ def _tiny() -> VARGPTConfig:
 
 def _shapes() -> VARGPTConfig:
     # 64 x 64 Shapes images; a 4-level (8x) tokenizer: 8 x 8 latent grid, first-5 schedule (1, 2, 4, 6, 8) = 121
-    # tokens of 32 bits (a 16x tokenizer's 4 x 4 grid could not keep the shapes apart, EVAL.md); character vocabulary
+    # tokens of 32 bits (a 16x tokenizer's 4 x 4 grid could not keep the shapes apart, EVAL.md); character vocabulary;
+    # zero padding in the tokenizer (replicate padding read back 0.60-0.69 of the scenes against 0.94, EVAL.md)
     return VARGPTConfig(
         vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=4),
         text=TextConfig(vocab_size=128, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,

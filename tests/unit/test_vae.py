@@ -270,3 +270,27 @@ def test_encode_runs_in_fp32_for_bf16_weights(tiny_vae: BSQVAE) -> None:
     assert f_BdHW.dtype == torch.float32
     assert torch.equal(f_BdHW, vae_ref.encode(img_B3HW.float()))
     assert vae_bf16.encoder.conv_in.weight.dtype == torch.bfloat16  # the module itself is untouched
+
+
+def test_replicate_padding_is_position_invariant_on_a_constant_image() -> None:
+    import dataclasses
+
+    from vargpt.config import ConfigError
+
+    torch.manual_seed(0)
+    replicate = BSQVAE(dataclasses.replace(_tiny_cfg(), padding_mode="replicate")).eval()
+    zeros = BSQVAE(_tiny_cfg()).eval()
+    zeros.load_state_dict(replicate.state_dict())  # same weights: the mode is not a parameter
+    white = torch.ones(1, 3, 16, 16)
+    f_rep, f_zero = replicate.encode(white), zeros.encode(white)
+    # replicate: one latent at every position, exactly; zeros: the border shows in every position of a small grid
+    assert torch.equal(f_rep, f_rep[..., :1, :1].expand_as(f_rep))
+    assert (f_zero - f_zero[..., :1, :1]).abs().max() > 1e-2
+    code = torch.randn(1, 8, 1, 1).expand(1, 8, 4, 4)
+    img = replicate.decode(code)
+    assert torch.equal(img, img[..., :1, :1].expand_as(img))
+    # a non-constant image: replicate and zeros differ only through the border
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert not torch.allclose(replicate.encode(x), zeros.encode(x))
+    with pytest.raises(ConfigError, match="VAEConfig.padding_mode"):
+        dataclasses.replace(_tiny_cfg(), padding_mode="reflect")

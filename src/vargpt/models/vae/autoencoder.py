@@ -36,19 +36,19 @@ def _swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def _conv3x3(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=padding)
+def _conv3x3(c_in: int, c_out: int, padding_mode: str, stride: int = 1, padding: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=padding, padding_mode=padding_mode)
 
 
 class ResBlock(nn.Module):
     """GN -> swish -> conv3x3 -> GN -> swish -> conv3x3, plus a 1x1 ``nin_shortcut`` when the width changes."""
 
-    def __init__(self, c_in: int, c_out: int, eps: float) -> None:
+    def __init__(self, c_in: int, c_out: int, eps: float, padding_mode: str = "zeros") -> None:
         super().__init__()
         self.norm1 = _group_norm(c_in, eps)
-        self.conv1 = _conv3x3(c_in, c_out)
+        self.conv1 = _conv3x3(c_in, c_out, padding_mode)
         self.norm2 = _group_norm(c_out, eps)
-        self.conv2 = _conv3x3(c_out, c_out)
+        self.conv2 = _conv3x3(c_out, c_out, padding_mode)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else None
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
@@ -59,34 +59,36 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Zero-pad right and bottom by one, then a stride-2 3x3 conv without padding: (H, W) -> (H/2, W/2)."""
+    """Pad right and bottom by one (zeros, or a copy of the edge), then a stride-2 3x3 conv without padding:
+    (H, W) -> (H/2, W/2)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding_mode: str = "zeros") -> None:
         super().__init__()
-        self.conv = _conv3x3(channels, channels, stride=2, padding=0)
+        self.conv = _conv3x3(channels, channels, padding_mode, stride=2, padding=0)
+        self.pad_mode = "constant" if padding_mode == "zeros" else padding_mode
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
         # Asymmetric padding (as in the official/Flux code), not conv padding=1: it changes which pixels each output
         # sees, so it matters for parity.
-        return self.conv(F.pad(x_BCHW, (0, 1, 0, 1), mode="constant", value=0.0))
+        return self.conv(F.pad(x_BCHW, (0, 1, 0, 1), mode=self.pad_mode))
 
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then a 3x3 conv: (h, w) -> (2h, 2w)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding_mode: str = "zeros") -> None:
         super().__init__()
-        self.conv = _conv3x3(channels, channels)
+        self.conv = _conv3x3(channels, channels, padding_mode)
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
         return self.conv(F.interpolate(x_BCHW, scale_factor=2.0, mode="nearest"))
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, eps: float) -> None:
+    def __init__(self, channels: int, eps: float, padding_mode: str) -> None:
         super().__init__()
-        self.block_1 = ResBlock(channels, channels, eps)
-        self.block_2 = ResBlock(channels, channels, eps)
+        self.block_1 = ResBlock(channels, channels, eps, padding_mode)
+        self.block_2 = ResBlock(channels, channels, eps, padding_mode)
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
         return self.block_2(self.block_1(x_BCHW))
@@ -118,21 +120,22 @@ class VAEEncoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        ch, mult, eps = cfg.base_channels, cfg.encoder_ch_mult, cfg.norm_eps
-        self.conv_in = _conv3x3(cfg.in_channels, ch)
+        ch, mult, eps, pad = cfg.base_channels, cfg.encoder_ch_mult, cfg.norm_eps, cfg.padding_mode
+        self.conv_in = _conv3x3(cfg.in_channels, ch, pad)
         in_mult = (1, *mult)
         levels = []
         for i, m in enumerate(mult):
             block_in, block_out = ch * in_mult[i], ch * m
             # the first block of a level changes the width, the others keep it
-            blocks = [ResBlock(block_in if j == 0 else block_out, block_out, eps) for j in range(cfg.num_res_blocks)]
-            down = Downsample(block_out) if i < len(mult) - 1 else None
+            blocks = [ResBlock(block_in if j == 0 else block_out, block_out, eps, pad)
+                      for j in range(cfg.num_res_blocks)]
+            down = Downsample(block_out, pad) if i < len(mult) - 1 else None
             levels.append(_Level(blocks, down, "downsample"))
         self.down = nn.ModuleList(levels)
         c_top = ch * mult[-1]
-        self.mid = _Mid(c_top, eps)
+        self.mid = _Mid(c_top, eps, pad)
         self.norm_out = _group_norm(c_top, eps)
-        self.conv_out = _conv3x3(c_top, cfg.codebook_dim)
+        self.conv_out = _conv3x3(c_top, cfg.codebook_dim, pad)
 
     def forward(self, img_B3HW: Tensor) -> Tensor:
         h = self.conv_in(img_B3HW)
@@ -147,10 +150,10 @@ class VAEDecoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        ch, mult, eps = cfg.base_channels, cfg.decoder_ch_mult, cfg.norm_eps
+        ch, mult, eps, pad = cfg.base_channels, cfg.decoder_ch_mult, cfg.norm_eps, cfg.padding_mode
         block_in = ch * mult[-1]
-        self.conv_in = _conv3x3(cfg.codebook_dim, block_in)
-        self.mid = _Mid(block_in, eps)
+        self.conv_in = _conv3x3(cfg.codebook_dim, block_in, pad)
+        self.mid = _Mid(block_in, eps, pad)
         # Built from the top level down (the order the data flows), stored by level index so that key
         # ``up.{i}`` is level i, as in the official checkpoint.
         levels: list[_Level] = []
@@ -158,13 +161,13 @@ class VAEDecoder(nn.Module):
             block_out = ch * mult[i]
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):  # the decoder has one more block per level than the encoder
-                blocks.append(ResBlock(block_in, block_out, eps))
+                blocks.append(ResBlock(block_in, block_out, eps, pad))
                 block_in = block_out
-            up = Upsample(block_in) if i != 0 else None
+            up = Upsample(block_in, pad) if i != 0 else None
             levels.insert(0, _Level(blocks, up, "upsample"))
         self.up = nn.ModuleList(levels)
         self.norm_out = _group_norm(block_in, eps)
-        self.conv_out = _conv3x3(block_in, 3)
+        self.conv_out = _conv3x3(block_in, 3, pad)
 
     def forward(self, codes_BdHW: Tensor) -> Tensor:
         h = self.mid(self.conv_in(codes_BdHW))
