@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from vargpt.cli import app
 from vargpt.engine import Engine
 from vargpt.generation.params import SAMPLING_FIELDS, ImageParams
-from vargpt.train.shapes import SAMPLING_CANDIDATES
+from vargpt.train.shapes import SAMPLING_CANDIDATES, batch_group, shapes_processor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,3 +59,65 @@ def test_quick_shapes_run_end_to_end(tmp_path) -> None:
     assert r.exit_code == 2 and "top_p=2.0: expected a number in [0, 1]" in r.output
     r = runner.invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--quick"])
     assert r.exit_code == 2 and "not empty" in r.output
+
+
+def test_shapes_template_is_qwen2_vl_without_the_default_system_turn(tmp_path) -> None:
+    from vargpt.config import get_preset
+    from vargpt.data.collate import SFTCollator
+    from vargpt.data.records import Message, SFTRecord
+    from vargpt.models.vargpt import IGNORE_INDEX
+    from vargpt.processing.chat import render_prompt
+    from vargpt.processing.processor import Processor
+
+    cfg = get_preset("shapes")
+    assert shapes_processor(cfg).template_source == "built-in Qwen2-VL"  # the shipped recipe's
+    shapes_processor(cfg, system_turn=False).save(tmp_path)
+    proc = Processor.from_dir(tmp_path, cfg)  # a checkpoint carries the template it was trained with
+    assert proc.template_source == "tokenizer chat_template"
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red circle?"}]},
+            {"role": "assistant", "content": "no"}, {"role": "user", "content": "Sure?"}]
+    builtin = render_prompt(chat)
+    assert builtin.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert proc.render(chat) == builtin.removeprefix("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    with_system = [{"role": "system", "content": "Be brief."}, *chat]
+    assert proc.render(with_system) == render_prompt(with_system)  # a given system turn renders as before
+    # training labels under this template: exactly the answer and its <|im_end|>
+    rec = SFTRecord(messages=(Message("user", "Is there a red circle?"), Message("assistant", "no")))
+    row = SFTCollator(proc.config, proc).encode(rec)
+    ids, labels = row.input_ids, row.labels
+    trained = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert proc.tokenizer.decode(trained) == "no<|im_end|>"
+    assert proc.tokenizer.decode(ids).startswith("<|im_start|>user\nIs there")
+
+
+def test_batch_group_separates_tasks_and_text_lengths() -> None:
+    from vargpt.data.records import Message, SFTRecord
+
+    def rec(question: str, answer: str) -> SFTRecord:
+        return SFTRecord(messages=(Message("user", "<image>" + question), Message("assistant", answer)),
+                         images=("a.png",))
+
+    short = rec("What color is the square?", "red")  # 7 + 25 + 3 = 35 characters
+    caption = rec("Describe the image.", "a small red circle on the left and a large blue square at the bottom")
+    assert batch_group(short) == ("understanding", 0)
+    assert batch_group(caption) == ("understanding", 1)  # 7 + 19 + 68 = 94 characters
+    gen = SFTRecord(messages=(Message("user", "Draw a red circle."), Message("assistant", "Here.<image_gen>")),
+                    images=("b.png",))
+    assert batch_group(gen) == ("generation", 0)
+
+
+def test_sampling_choice_keeps_the_earlier_candidate_on_a_float_tie(tmp_path, monkeypatch) -> None:
+    # run 6 chose CFG 1.5 over the official settings at "0.055" vs "0.055": the later mean of means was larger in
+    # its last bits; a tie must keep the earlier candidate
+    import types
+
+    import vargpt.train.shapes as shapes
+
+    overall = iter([0.055, 0.03, 0.0, 0.055 + 1e-15])
+    monkeypatch.setattr(shapes, "Engine", lambda model, processor, sampling: sampling)
+    monkeypatch.setattr(shapes, "run_suite", lambda engine, suite, items: types.SimpleNamespace(
+        scores={"overall": next(overall)}))
+    model = types.SimpleNamespace(eval=lambda: None)
+    run = shapes.ShapesRunConfig(sampling_per_category=1)
+    assert shapes._select_sampling(model, None, run, tmp_path, "edit") == SAMPLING_CANDIDATES[0]
+    assert "default sampling cfg 3.0 tau 0.5 top-p 0.97" in (tmp_path / "log.txt").read_text()

@@ -101,7 +101,7 @@ class ShapesRunConfig:
     vae_mixed_precision: str = "bf16"
     stage1_steps: int = 200
     stage2_warmup_steps: int = 500
-    stage2_steps: int = 4200  # 3000 before the Shapes chat template and length groups made question batches faster
+    stage2_steps: int = 3000
     stage3a_steps: int = 300
     stage3c_steps: int = 700
     dpo_steps: int = 40
@@ -117,6 +117,11 @@ class ShapesRunConfig:
     monitor_every: int = 500  # log a small slice of the suite a phase trains for every n steps (0 = at the end only)
     sampling_per_category: int = 25  # validation prompts per category for choosing the sampling defaults
     vae_padding_mode: str | None = None  # None: the shapes preset's ("zeros"; "replicate" was tried, EVAL.md)
+    # Two ways to shorter CPU steps, off in the shipped recipe (run 6 had both, with 4,200 stage-2 steps in 77.5
+    # min, and scored lower; EVAL.md): the chat template without the default system turn (SHAPES_CHAT_TEMPLATE),
+    # and batches drawn from one text-length bucket as well as one task (``batch_group``).
+    system_turn: bool = True
+    length_groups: bool = False
     device: str = "cpu"  # where the model trains and samples ("cuda" on a GPU machine; the recipe is sized for CPU)
 
     @classmethod
@@ -145,12 +150,13 @@ SHAPES_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def shapes_processor(cfg) -> Processor:
-    """Character tokenizer with ``SHAPES_CHAT_TEMPLATE``; 64 px images are shown to the ViT at 112 x 112 (an 8 x 8
-    patch grid, 16 LLM tokens), normalised so that the white background is 0 (``SHAPES_IMAGE_MEAN`` /
-    ``SHAPES_IMAGE_STD``)."""
+def shapes_processor(cfg, system_turn: bool = True) -> Processor:
+    """Character tokenizer; 64 px images are shown to the ViT at 112 x 112 (an 8 x 8 patch grid, 16 LLM tokens),
+    normalised so that the white background is 0 (``SHAPES_IMAGE_MEAN`` / ``SHAPES_IMAGE_STD``).
+    ``system_turn=False``: the tokenizer carries ``SHAPES_CHAT_TEMPLATE`` (no default system turn)."""
     tokenizer = char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)
-    tokenizer.chat_template = SHAPES_CHAT_TEMPLATE
+    if not system_turn:
+        tokenizer.chat_template = SHAPES_CHAT_TEMPLATE
     return Processor(cfg, tokenizer, min_pixels=112 * 112, max_pixels=112 * 112, image_mean=SHAPES_IMAGE_MEAN,
                      image_std=SHAPES_IMAGE_STD)
 
@@ -160,8 +166,9 @@ GROUP_CHARS = 48
 
 
 def batch_group(record) -> tuple[str, int]:
-    """The batch group of an SFT record: its task and the length of its text in ``GROUP_CHARS`` buckets, so that a
-    batch of one-word answers is not padded to the length of a caption (1.4x faster question batches, EVAL.md)."""
+    """The batch group of an SFT record with ``ShapesRunConfig.length_groups``: its task and the length of its text
+    in ``GROUP_CHARS`` buckets, so that a batch of one-word answers is not padded to the length of a caption (with
+    the Shapes template, question batches took 0.23 s instead of 0.33 s, EVAL.md)."""
     return record.task, sum(len(m.content) for m in record.messages) // GROUP_CHARS
 
 
@@ -214,7 +221,7 @@ def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: st
         score = run_suite(Engine(model, processor, sampling=cand), "generation", items=items).scores["overall"]
         _log(out, f"{name}: sampling cfg {cand.cfg_scale} tau {cand.temperature} top-p {cand.top_p}: "
                   f"validation {score:.3f} ({len(items)} prompts)")
-        if score > best_score:
+        if round(score, 9) > round(best_score, 9):  # a tie keeps the earlier (scores are means of means)
             best, best_score = cand, score
     _log(out, f"{name}: default sampling cfg {best.cfg_scale} tau {best.temperature} top-p {best.top_p}")
     return best
@@ -229,9 +236,9 @@ def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConf
                       seed=run.seed, out_dir=str(out / name), log_every=max(1, steps // 20),
                       eval_every=run.monitor_every if monitor else 0, mixed_precision=run.mixed_precision)
     eval_fn = _monitor(processor, monitor, out, name, sampling=sampling) if monitor else None
-    # one task and length per batch where possible: an answer of a few tokens is not padded to a row with 121 image
-    # slots or to a caption
-    keys = [batch_group(r) for r in records]
+    # one task (and length bucket) per batch where possible: an answer of a few tokens is not padded to a row with
+    # 121 image slots (or to a caption)
+    keys = [batch_group(r) if run.length_groups else r.task for r in records]
     index = {k: i for i, k in enumerate(sorted(set(keys)))}
     result = train(model, records, collate, cfg, eval_fn=eval_fn, group_ids=[index[k] for k in keys])
     return result.losses
@@ -286,7 +293,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     if run.vae_padding_mode is not None:
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, padding_mode=run.vae_padding_mode))
     model = VARGPT(cfg).to(run.device)
-    processor = shapes_processor(cfg)
+    processor = shapes_processor(cfg, system_turn=run.system_turn)
 
     # 1. tokenizer
     from PIL import Image
