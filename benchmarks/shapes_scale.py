@@ -40,7 +40,7 @@ def main() -> None:
     run = dataclasses.replace(base, device=args.device, vae_padding_mode=args.padding,
                               **{f: round(getattr(base, f) * args.scale) for f in SCALED})
     t0 = time.perf_counter()
-    final = run_shapes(args.out, run)
+    run_shapes(args.out, run)
     train_min = (time.perf_counter() - t0) / 60
     scores: dict = {"scale": args.scale, "padding": args.padding, "device": args.device,
                     "train_minutes": round(train_min, 2), "steps": {f: getattr(run, f) for f in SCALED}}

@@ -85,7 +85,7 @@ def test_shapes_template_is_qwen2_vl_without_the_default_system_turn(tmp_path) -
     rec = SFTRecord(messages=(Message("user", "Is there a red circle?"), Message("assistant", "no")))
     row = SFTCollator(proc.config, proc).encode(rec)
     ids, labels = row.input_ids, row.labels
-    trained = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    trained = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
     assert proc.tokenizer.decode(trained) == "no<|im_end|>"
     assert proc.tokenizer.decode(ids).startswith("<|im_start|>user\nIs there")
 
