@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vargpt.config import VAEConfig
+from vargpt.config import ConfigError, VAEConfig
 from vargpt.models.vae import (
     BSQVAE,
     NoFlips,
@@ -273,10 +274,6 @@ def test_encode_runs_in_fp32_for_bf16_weights(tiny_vae: BSQVAE) -> None:
 
 
 def test_replicate_padding_is_position_invariant_on_a_constant_image() -> None:
-    import dataclasses
-
-    from vargpt.config import ConfigError
-
     torch.manual_seed(0)
     replicate = BSQVAE(dataclasses.replace(_tiny_cfg(), padding_mode="replicate")).eval()
     zeros = BSQVAE(_tiny_cfg()).eval()
