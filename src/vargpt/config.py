@@ -357,7 +357,7 @@ def _shapes() -> VARGPTConfig:
     # zero padding in the tokenizer (replicate padding read back 0.60-0.69 of the scenes against 0.94, EVAL.md)
     return VARGPTConfig(
         vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=4),
-        text=TextConfig(vocab_size=128, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+        text=TextConfig(vocab_size=384, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                         num_kv_heads=2, mrope_section=[8, 12, 12]),
         decoder=DecoderConfig(width=256, depth=4, num_heads=2, mlp_ratio=4.0, memory_dim=256),
         vae=VAEConfig(codebook_dim=32, base_channels=32, encoder_ch_mult=[1, 1, 2, 4],

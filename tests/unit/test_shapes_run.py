@@ -121,3 +121,31 @@ def test_sampling_choice_keeps_the_earlier_candidate_on_a_float_tie(tmp_path, mo
     run = shapes.ShapesRunConfig(sampling_per_category=1)
     assert shapes._select_sampling(model, None, run, tmp_path, "edit") == SAMPLING_CANDIDATES[0]
     assert "default sampling cfg 3.0 tau 0.5 top-p 0.97" in (tmp_path / "log.txt").read_text()
+
+
+def test_shapes_bpe_processor_trains_on_one_token_answers(tmp_path) -> None:
+    from vargpt.config import get_preset
+    from vargpt.data.collate import SFTCollator
+    from vargpt.data.records import Message, SFTRecord
+    from vargpt.models.vargpt import IGNORE_INDEX
+    from vargpt.processing.processor import Processor
+    from vargpt.train.shapes import ShapesRunConfig, shapes_corpus
+
+    cfg = get_preset("shapes")
+    recs = [SFTRecord(messages=(Message("user", "<image>What color is the square?"), Message("assistant", "red"))),
+            SFTRecord(messages=(Message("user", "Draw a blue circle."),
+                                Message("assistant", "Here is a blue circle.<image_gen>")))]
+    corpus = shapes_corpus(recs)
+    assert corpus[:4] == ["What color is the square?", "red", "Draw a blue circle.", "Here is a blue circle."]
+    assert corpus[4:] == ["system", "user", "assistant", "You are a helpful assistant."]
+    shapes_processor(cfg, texts=corpus * 5).save(tmp_path)
+    proc = Processor.from_dir(tmp_path, cfg)  # the merges travel with the checkpoint
+    rec = SFTRecord(messages=(Message("user", "What color is the square?"), Message("assistant", "red")))
+    row = SFTCollator(cfg, proc).encode(rec)
+    trained = [t for t, lab in zip(row.input_ids, row.labels, strict=True) if lab != IGNORE_INDEX]
+    assert proc.tokenizer.convert_ids_to_tokens(trained) == ["red", "<|im_end|>"]
+    # the whole row, system turn and chat markup included, is 3x shorter than in characters (87 -> 28 tokens)
+    chars = SFTCollator(cfg, shapes_processor(cfg)).encode(rec)
+    assert len(chars.input_ids) == 87 and len(row.input_ids) == 28
+    with pytest.raises(ValueError, match="tokenizer='word'"):
+        ShapesRunConfig(tokenizer="word")

@@ -30,6 +30,7 @@ import json
 import random
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +46,17 @@ from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
 from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, save_sampling_defaults
 from vargpt.models.vargpt import VARGPT
+from vargpt.processing.chat import DEFAULT_SYSTEM
 from vargpt.processing.processor import Processor
-from vargpt.processing.tokenizer import char_tokenizer
+from vargpt.processing.tokenizer import bpe_tokenizer, char_tokenizer
 from vargpt.train.dpo import DPOStep, build_pairs
 from vargpt.train.loop import TrainConfig, train
 from vargpt.train.recipes import STAGES, Stage, apply_stage
+from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
 __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "SHAPES_CHAT_TEMPLATE",
-           "batch_group", "shapes_processor", "shapes_reward", "run_shapes"]
+           "batch_group", "shapes_corpus", "shapes_processor", "shapes_reward", "run_shapes"]
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
@@ -76,6 +79,11 @@ SHAPES_STAGES: dict[str, Stage] = {
                                                      "gen_proj_out"), train_vit=True,
                     note="stage 2 + the ViT, the decoder and the projectors (nothing is pretrained: the decoder "
                          "learns from every generation and edit record of the mixed stage too)"),
+    # with a pre-trained ViT (``vit_steps`` > 0) it stays frozen, as the official stage 2 keeps Qwen2-VL's
+    "stage2_frozen_vit": Stage(name="shapes-stage2-frozen-vit",
+                               trainable=("backbone.model.language_model", "backbone.lm_head", "decoder",
+                                          "gen_proj_in", "gen_proj_out"),
+                               note="stage 2 + the decoder and the projectors; the pre-trained ViT frozen"),
     "stage3": STAGES["stage3"],
     "edit": Stage(name="shapes-edit", trainable=("decoder", "gen_proj_in", "gen_proj_out",
                                                  "backbone.model.language_model"),
@@ -94,6 +102,10 @@ class ShapesRunConfig:
     n_editing: int = 3000
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
     stage2_editing: int = 1000
+    vit_steps: int = 1000  # ViT pre-training (``vargpt.train.shapes_vit``; 0 = none: the ViT learns in stage 2)
+    vit_batch: int = 64
+    vit_lr: float = 1e-3
+    vit_scenes: int = 20000
     vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 2e-3
@@ -101,9 +113,9 @@ class ShapesRunConfig:
     vae_mixed_precision: str = "bf16"
     stage1_steps: int = 200
     stage2_warmup_steps: int = 500
-    stage2_steps: int = 3000
+    stage2_steps: int = 4000
     stage3a_steps: int = 300
-    stage3c_steps: int = 700
+    stage3c_steps: int = 1000
     dpo_steps: int = 40
     edit_steps: int = 600
     batch_size: int = 16
@@ -122,15 +134,22 @@ class ShapesRunConfig:
     # and batches drawn from one text-length bucket as well as one task (``batch_group``).
     system_turn: bool = True
     length_groups: bool = False
+    # "bpe": merges learned on the training split's texts (each grammar word one token: a question row is about
+    # 4x shorter than in characters); "char": one token per character (runs 1-6)
+    tokenizer: str = "bpe"
     device: str = "cpu"  # where the model trains and samples ("cuda" on a GPU machine; the recipe is sized for CPU)
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in ("bpe", "char"):
+            raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
 
     @classmethod
     def quick(cls) -> ShapesRunConfig:
         """A few minutes end to end: checks the mechanics, not the quality."""
         return cls(n_understanding=64, n_single=16, n_generation=64, n_editing=32, stage2_generation=32,
                    stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
-                   stage2_steps=4, stage3a_steps=3, stage3c_steps=3, dpo_steps=2, edit_steps=3, batch_size=4,
-                   dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)
+                   stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
+                   dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)
 
 
 #: The ViT's input normalisation for Shapes images: the white background maps to 0 in every channel. With Qwen2-VL's
@@ -150,15 +169,27 @@ SHAPES_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def shapes_processor(cfg, system_turn: bool = True) -> Processor:
-    """Character tokenizer; 64 px images are shown to the ViT at 112 x 112 (an 8 x 8 patch grid, 16 LLM tokens),
-    normalised so that the white background is 0 (``SHAPES_IMAGE_MEAN`` / ``SHAPES_IMAGE_STD``).
-    ``system_turn=False``: the tokenizer carries ``SHAPES_CHAT_TEMPLATE`` (no default system turn)."""
-    tokenizer = char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)
+def shapes_processor(cfg, system_turn: bool = True, texts: Iterable[str] | None = None) -> Processor:
+    """64 px images are shown to the ViT at 112 x 112 (an 8 x 8 patch grid, 16 LLM tokens), normalised so that the
+    white background is 0 (``SHAPES_IMAGE_MEAN`` / ``SHAPES_IMAGE_STD``). Tokenizer: ``texts`` given, BPE merges
+    learned on them (``bpe_tokenizer``; the recipe passes ``shapes_corpus`` of its training split), else one token
+    per character (the tokenizer of runs 1-6). ``system_turn=False``: the tokenizer carries
+    ``SHAPES_CHAT_TEMPLATE`` (no default system turn)."""
+    if texts is None:
+        tokenizer = char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)
+    else:
+        tokenizer = bpe_tokenizer(cfg.special_tokens, cfg.text.vocab_size, texts)
     if not system_turn:
         tokenizer.chat_template = SHAPES_CHAT_TEMPLATE
     return Processor(cfg, tokenizer, min_pixels=112 * 112, max_pixels=112 * 112, image_mean=SHAPES_IMAGE_MEAN,
                      image_std=SHAPES_IMAGE_STD)
+
+
+def shapes_corpus(records) -> list[str]:
+    """The texts a Shapes tokenizer learns its merges on: every message of ``records`` (image placeholders removed),
+    the role names and the default system message of the chat template."""
+    texts = [m.content.replace("<image>", "").replace("<image_gen>", "") for r in records for m in r.messages]
+    return texts + ["system", "user", "assistant", DEFAULT_SYSTEM]
 
 
 #: Characters per length bucket of ``batch_group``.
@@ -192,6 +223,11 @@ def _log(out: Path, msg: str) -> None:
     print(line, flush=True)
     with open(out / "log.txt", "a") as f:
         f.write(line + "\n")
+
+
+def _tail(losses: list[float]) -> float:
+    """Mean of the last 10 losses."""
+    return sum(losses[-10:]) / len(losses[-10:])
 
 
 def _set_schedule(model: VARGPT, schedule: str) -> None:
@@ -293,7 +329,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     if run.vae_padding_mode is not None:
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, padding_mode=run.vae_padding_mode))
     model = VARGPT(cfg).to(run.device)
-    processor = shapes_processor(cfg, system_turn=run.system_turn)
+    texts = shapes_corpus(und + single + gen + edi) if run.tokenizer == "bpe" else None
+    processor = shapes_processor(cfg, system_turn=run.system_turn, texts=texts)
 
     # 1. tokenizer
     from PIL import Image
@@ -307,18 +344,28 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     _log(out, f"tokenizer: {run.vae_steps} steps, recon {losses[0]['recon']:.4f} -> {losses[-1]['recon']:.4f}")
     _monitor(processor, "tokenizer", out, "tokenizer", limit=None)(model)  # all 500 held-out scenes
 
+    # 1b. the ViT (the stand-in for a pretrained vision encoder), checked on validation scenes
+    stage2 = SHAPES_STAGES["stage2"]
+    if run.vit_steps:
+        vit = pretrain_vit(model, processor, steps=run.vit_steps, batch_size=run.vit_batch, lr=run.vit_lr,
+                           n_scenes=run.vit_scenes, seed=run.seed, exclude=held_out,
+                           val_scenes=eval_scenes(VALIDATION_SEED, 500))
+        _log(out, f"vit: {run.vit_steps} steps, loss {vit.losses[0]:.3f} -> {_tail(vit.losses):.3f}, validation "
+                  f"scenes read back from the tokens {vit.val_exact:.3f} (500)")
+        stage2 = SHAPES_STAGES["stage2_frozen_vit"]
+
     # 2. stage 1, 3. stage 2 (warm-up on one-object questions, then the mix)
     _set_schedule(model, FULL_RES)
     phases = [("stage1", SHAPES_STAGES["stage1"], gen, run.stage1_steps, "generation"),
-              ("stage2_warmup", SHAPES_STAGES["stage2"], single, run.stage2_warmup_steps, "understanding"),
-              ("stage2", SHAPES_STAGES["stage2"], und + gen[: run.stage2_generation] + edi[: run.stage2_editing],
+              ("stage2_warmup", stage2, single, run.stage2_warmup_steps, "understanding"),
+              ("stage2", stage2, und + gen[: run.stage2_generation] + edi[: run.stage2_editing],
                run.stage2_steps, "understanding")]
     for name, stage, recs, steps, monitor in phases:
         if not recs or not steps:  # e.g. n_single = 0: no warm-up
             _log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
             continue
         losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor)
-        _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
 
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
     sampling = SAMPLING_CANDIDATES[0]
@@ -328,7 +375,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         losses = _sft(model, processor, gen, SHAPES_STAGES["stage3"], steps, run, out, name, monitor="generation",
                       sampling=sampling)
         _log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
-                  f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+                  f"{_tail(losses):.3f}")
         sampling = _select_sampling(model, processor, run, out, name)
         dpo_name = {"stage3a": "stage3b", "stage3c": "stage3d"}[name]
         if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
@@ -346,7 +393,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     mix = edi + gen[: len(edi)] + und[: len(edi)]
     losses = _sft(model, processor, mix, SHAPES_STAGES["edit"], run.edit_steps, run, out, "edit", monitor="editing",
                   sampling=sampling)
-    _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
 
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
     # model), so the final checkpoint's defaults are chosen again, the same way
