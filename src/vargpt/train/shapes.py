@@ -4,12 +4,15 @@ Phases (SPEC.md §4.2, adapted to a model trained from scratch -- there is no pr
 the stages that officially start from pretrained parts also train those parts here; each adaptation is named):
 
 0. data: a training split of understanding, generation and editing records (``vargpt.data.shapes.tasks``), with
-   every held-out evaluation scene excluded;
+   every held-out evaluation scene excluded; the text tokenizer: BPE merges learned on the split's texts
+   (``bpe_tokenizer``: each grammar word one token);
 1. tokenizer: the BSQ multi-scale VAE on the training images (``vargpt.train.vae``);
+   1b. the ViT, pre-trained to write each object into the merged token over its cell (``vargpt.train.shapes_vit``;
+   the stand-in for Qwen2-VL's pretrained encoder, and frozen from here on, as the official ViT is);
 2. stage 1 (generation alignment): projectors + start vector, and -- from scratch -- the visual decoder;
-3. stage 2 (mixed SFT): the LLM + lm_head, and -- from scratch -- the ViT, the decoder and the projectors, on all
-   three tasks (one task per batch where possible), after a warm-up on questions about one-object scenes (a ViT
-   from scratch first learns colours and shapes where no other object can be confused with the one asked about);
+3. stage 2 (mixed SFT): the LLM + lm_head, and -- from scratch -- the decoder and the projectors, on all three tasks
+   (one task per batch where possible), after a warm-up on questions about one-object scenes (with
+   ``vit_steps=0`` the ViT is not pre-trained and trains here too, as in runs 1-6);
 4. stage 3a: decoder + projectors, generation SFT at the lower resolution (32 px, 3 scales);
    stage 3b: DPO at 32 px (pairs sampled by the engine, ranked by the Shapes scorer), reference = 3a;
    stage 3c: generation SFT at the full resolution (64 px, 5 scales); stage 3d: DPO at 64 px, reference = 3c;
