@@ -7,8 +7,8 @@ only source used to rebuild a model. Derived sizes are properties, validation ru
 Presets (``PRESETS``):
 
 * ``tiny``        -- a few-hundred-kilobyte model for tests and CI (every code path, seconds on a CPU).
-* ``shapes``      -- the shipped default model's size (SHAPES.md world: 64 x 64 images, character vocabulary;
-  12.4 M parameters, trains on a 2-core CPU).
+* ``shapes``      -- the shipped default model's size (SHAPES.md world: 64 x 64 images, a 384-token vocabulary:
+  characters + BPE merges; 12.3 M parameters, trains on a 2-core CPU).
 * ``base-100m``   -- about 100 M parameters (LLM 512 wide x 12 layers, decoder 512 x 10, 256 px): benchmarks.
 * ``vargpt-v1.1`` -- the exact official 7B LLM + 2B visual decoder sizes (SPEC.md §2.1, §2.2, §2.7, §2.8).
 
@@ -353,7 +353,8 @@ def _tiny() -> VARGPTConfig:
 
 def _shapes() -> VARGPTConfig:
     # 64 x 64 Shapes images; a 4-level (8x) tokenizer: 8 x 8 latent grid, first-5 schedule (1, 2, 4, 6, 8) = 121
-    # tokens of 32 bits (a 16x tokenizer's 4 x 4 grid could not keep the shapes apart, EVAL.md); character vocabulary;
+    # tokens of 32 bits (a 16x tokenizer's 4 x 4 grid could not keep the shapes apart, EVAL.md); 384 text ids: the 96
+    # characters, the special tokens and BPE merges learned on the training texts (``bpe_tokenizer``; 216 in run 7);
     # zero padding in the tokenizer (replicate padding read back 0.60-0.69 of the scenes against 0.94, EVAL.md)
     return VARGPTConfig(
         vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=4),
