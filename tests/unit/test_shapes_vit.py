@@ -53,3 +53,16 @@ def test_pretrain_vit_trains_only_the_vit_and_is_reproducible(proc) -> None:
     again = VARGPT(get_preset("shapes"))
     again.load_state_dict({n: before[n] for n in before})
     assert pretrain_vit(again, proc, **kw).losses == res.losses
+
+
+def test_stage_2_keeps_a_pretrained_vit_frozen() -> None:
+    from vargpt.train.recipes import apply_stage
+    from vargpt.train.shapes import SHAPES_STAGES
+
+    model = VARGPT(get_preset("shapes"))
+    trained = apply_stage(model, SHAPES_STAGES["stage2_frozen_vit"])
+    assert not any(n.startswith("backbone.model.visual.") for n in trained)
+    assert any(n.startswith("backbone.model.language_model.") for n in trained)
+    assert any(n.startswith("decoder.") for n in trained) and any(n.startswith("gen_proj_in") for n in trained)
+    with_vit = apply_stage(model, SHAPES_STAGES["stage2"])  # without pre-training the ViT trains in stage 2
+    assert set(with_vit) - set(trained) == {n for n in with_vit if n.startswith("backbone.model.visual.")} != set()

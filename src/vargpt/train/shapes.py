@@ -138,7 +138,7 @@ class ShapesRunConfig:
     system_turn: bool = True
     length_groups: bool = False
     # "bpe": merges learned on the training split's texts (each grammar word one token: a question row is about
-    # 4x shorter than in characters); "char": one token per character (runs 1-6)
+    # 3x shorter than in characters); "char": one token per character (runs 1-6)
     tokenizer: str = "bpe"
     device: str = "cpu"  # where the model trains and samples ("cuda" on a GPU machine; the recipe is sized for CPU)
 
