@@ -64,6 +64,8 @@ def test_bpe_round_trips_any_printable_text(bpe, text) -> None:
 
 def test_bpe_unknown_characters_map_to_unk_and_chat_markup_to_specials(bpe) -> None:
     assert bpe.convert_ids_to_tokens(ids(bpe, "é")) == ["<unk>"]
+    accented = bpe_tokenizer(SPECIAL, 384, ["café crème"] * 20 + shapes_texts(50))  # é stands alone: no merge
+    assert accented.decode(ids(accented, " café crème")) == " caf<unk> cr<unk>me"
     got = ids(bpe, "<|im_start|>user\nHi<|im_end|>")
     assert got[0] == SPECIAL.im_start and got[-1] == SPECIAL.im_end
 

@@ -98,7 +98,7 @@ def bpe_tokenizer(special: SpecialTokens, vocab_size: int, texts: Iterable[str])
                                   initial_alphabet=list(_CHARS), show_progress=False)
     trainer_tok.train_from_iterator(texts, trainer)
     merges = [tuple(m) for m in json.loads(trainer_tok.to_str())["model"]["merges"]][: len(free)]
-    for (a, b), i in zip(merges, free, strict=False):
+    for (a, b), i in zip(merges, free, strict=False):  # merges only join ASCII letters / digits (WORD_PATTERN)
         vocab[a + b] = i
     _fill(vocab, specials, vocab_size)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
