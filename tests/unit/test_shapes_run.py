@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from vargpt.cli import app
@@ -149,3 +150,16 @@ def test_shapes_bpe_processor_trains_on_one_token_answers(tmp_path) -> None:
     assert len(chars.input_ids) == 87 and len(row.input_ids) == 28
     with pytest.raises(ValueError, match="tokenizer='word'"):
         ShapesRunConfig(tokenizer="word")
+
+
+def test_edit_llm_false_keeps_the_llm_of_post_dpo(tmp_path) -> None:
+    import dataclasses
+
+    from vargpt.checkpoint import load_model
+    from vargpt.train.shapes import ShapesRunConfig, run_shapes
+
+    final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=False))
+    before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
+    llm = [k for k in before if k.startswith("backbone.model.language_model.")]
+    assert llm and all(torch.equal(before[k], after[k]) for k in llm)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
