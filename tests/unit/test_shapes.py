@@ -34,7 +34,7 @@ from vargpt.data.shapes import (
     sample_question,
     scene_for_prompt,
 )
-from vargpt.data.shapes.grammar import GenPrompt, _gp
+from vargpt.data.shapes.grammar import LAYOUTS, GenPrompt, _gp
 from vargpt.data.shapes.tasks import build_split
 
 
@@ -85,10 +85,31 @@ def test_every_generation_prompt_round_trips_and_its_scenes_pass() -> None:
     assert {p.category for p in all_prompts} == set(GEN_CATEGORIES)
     for p in all_prompts:
         assert parse_gen_prompt(p.text) == p, p.text
-        scene = scene_for_prompt(rng, p)
-        assert check_gen(p, read_image(render(scene))), (p.text, scene)
+        for layout in LAYOUTS:
+            scene = scene_for_prompt(rng, p, layout)
+            assert check_gen(p, read_image(render(scene))), (p.text, layout, scene)
     for c in GEN_CATEGORIES:  # the sampler only produces grammatical prompts
         assert all(parse_gen_prompt(sample_gen_prompt(rng, c).text).category == c for _ in range(50))
+
+
+def test_canonical_layout_fixes_what_the_prompt_leaves_open() -> None:
+    rng = random.Random(3)
+    cells = lambda text: [o.cell for o in scene_for_prompt(rng, parse_gen_prompt(text), "canonical").objects]  # noqa: E731
+    assert cells("a circle") == ["center"]
+    assert cells("a triangle and a square") == ["left", "right"]
+    assert cells("three squares") == ["left", "center", "right"]
+    assert cells("a red circle below a blue square") == ["bottom", "top"]
+    assert cells("a red circle to the right of a blue square") == ["right", "left"]
+    assert cells("a red circle in the top left") == ["top left"]
+    sizes = {o.size for t in ("a circle", "two circles", "a red square and a blue circle") for _ in range(20)
+             for o in scene_for_prompt(rng, parse_gen_prompt(t), "canonical").objects}
+    assert sizes == {"large"}
+    assert {scene_for_prompt(rng, parse_gen_prompt("a small red circle"), "canonical").objects[0].size} == {"small"}
+    # colours left open are still drawn (every colour appears in 200 draws)
+    colors = {scene_for_prompt(rng, parse_gen_prompt("a circle"), "canonical").objects[0].color for _ in range(200)}
+    assert colors == set(COLORS)
+    with pytest.raises(ValueError, match="layout='grid'"):
+        scene_for_prompt(rng, parse_gen_prompt("a circle"), "grid")
 
 
 def test_generation_pass_rules_reject_wrong_images() -> None:

@@ -152,14 +152,36 @@ def test_shapes_bpe_processor_trains_on_one_token_answers(tmp_path) -> None:
         ShapesRunConfig(tokenizer="word")
 
 
-def test_edit_llm_false_keeps_the_llm_of_post_dpo(tmp_path) -> None:
+@pytest.mark.parametrize("edit_llm", [False, True])
+def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_llm) -> None:
     import dataclasses
 
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
-    final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=False))
+    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (run 8)
+    final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
-    assert llm and all(torch.equal(before[k], after[k]) for k in llm)
+    assert llm and all(torch.equal(before[k], after[k]) for k in llm) is not edit_llm
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def test_canonical_generation_targets_in_the_split(tmp_path) -> None:
+    from PIL import Image
+
+    from vargpt.data.shapes import parse_gen_prompt, read_image
+    from vargpt.data.shapes.tasks import build_split
+    from vargpt.train.shapes import ShapesRunConfig
+
+    assert ShapesRunConfig().gen_layout == "canonical"
+    with pytest.raises(ValueError, match="gen_layout='grid'"):
+        ShapesRunConfig(gen_layout="grid")
+    split = build_split(tmp_path, seed=0, n_understanding=0, n_generation=16, n_editing=0, gen_layout="canonical")
+    for rec in map(json.loads, split.generation.read_text().splitlines()):
+        category = parse_gen_prompt(rec["meta"]["prompt"]).category
+        objs = read_image(Image.open(tmp_path / rec["images"][0]).convert("RGB"))
+        if category == "single_object":
+            assert [(o.cell, o.size) for o in objs] == [("center", "large")]
+        if category != "size":
+            assert {o.size for o in objs} == {"large"}

@@ -44,6 +44,7 @@ from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
+from vargpt.data.shapes.grammar import LAYOUTS
 from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
@@ -120,12 +121,13 @@ class ShapesRunConfig:
     stage2_warmup_steps: int = 500
     stage2_steps: int = 4000
     stage3a_steps: int = 300
-    stage3c_steps: int = 1000
+    stage3c_steps: int = 1300
     dpo_steps: int = 40
     edit_steps: int = 600
-    # the editing SFT trains the LLM too (run 7); False: decoder + projectors only, no questions in its mix (a probe
-    # from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7)
-    edit_llm: bool = True
+    # False (run 8): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
+    # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
+    # the LLM trains too, with questions in the mix (run 7)
+    edit_llm: bool = False
     batch_size: int = 16
     lr: float = 1e-3
     dpo_lr: float = 1e-5
@@ -145,11 +147,16 @@ class ShapesRunConfig:
     # "bpe": merges learned on the training split's texts (each grammar word one token: a question row is about
     # 3x shorter than in characters); "char": one token per character (runs 1-6)
     tokenizer: str = "bpe"
+    # the layout of the generation targets (``scene_for_prompt``): "canonical" (run 8) fixes the cells and the size
+    # a prompt leaves open, so that each prompt has one layout; "random" (runs 1-7) draws them
+    gen_layout: str = "canonical"
     device: str = "cpu"  # where the model trains and samples ("cuda" on a GPU machine; the recipe is sized for CPU)
 
     def __post_init__(self) -> None:
         if self.tokenizer not in ("bpe", "char"):
             raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
+        if self.gen_layout not in LAYOUTS:
+            raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
 
     @classmethod
     def quick(cls) -> ShapesRunConfig:
@@ -325,7 +332,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
     split = build_split(out / "data", seed=run.seed + 1, n_understanding=run.n_understanding,
                         n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
-                        n_single=run.n_single)
+                        n_single=run.n_single, gen_layout=run.gen_layout)
     und = load_records(split.understanding).records
     single = load_records(split.understanding_single).records if split.understanding_single else []
     gen = load_records(split.generation).records

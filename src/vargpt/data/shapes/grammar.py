@@ -14,7 +14,7 @@ from vargpt.data.shapes.scorer import ReadObj, relation_holds
 from vargpt.data.shapes.world import CELLS, COLORS, SHAPES, SIZES, Obj, Scene, cell_center, random_obj
 
 __all__ = [
-    "GEN_CATEGORIES", "RELATIONS", "GenPrompt", "sample_gen_prompt", "parse_gen_prompt", "scene_for_prompt",
+    "GEN_CATEGORIES", "RELATIONS", "LAYOUTS", "GenPrompt", "sample_gen_prompt", "parse_gen_prompt", "scene_for_prompt",
     "check_gen", "QUESTION_KINDS", "sample_question", "parse_question", "answer_question", "check_answer",
     "caption", "parse_caption", "EDIT_KINDS", "Edit", "sample_edit", "parse_edit", "apply_edit",
 ]
@@ -131,26 +131,45 @@ def _cells_for_relation(rng: random.Random, relation: str) -> tuple[str, str]:
             return a, b
 
 
-def scene_for_prompt(rng: random.Random, prompt: GenPrompt) -> Scene:
-    """A random scene that passes ``check_gen`` for ``prompt`` (training targets)."""
+#: ``scene_for_prompt(layout="canonical")``: the cells of n objects whose cells the prompt leaves open, and of the
+#: two objects of each relation (A, B).
+CANONICAL_CELLS = {1: ("center",), 2: ("left", "right"), 3: ("left", "center", "right")}
+CANONICAL_RELATION_CELLS = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),
+                            "above": ("top", "bottom"), "below": ("bottom", "top")}
+LAYOUTS = ("random", "canonical")
+
+
+def scene_for_prompt(rng: random.Random, prompt: GenPrompt, layout: str = "random") -> Scene:
+    """A scene that passes ``check_gen`` for ``prompt`` (training targets).
+
+    ``layout="random"``: what the prompt leaves open (cells, colours, sizes) is drawn uniformly. ``"canonical"``:
+    the cells the prompt leaves open are fixed (``CANONICAL_CELLS``, ``CANONICAL_RELATION_CELLS``) and so is the
+    size ("large"); colours and shapes left open are still drawn. A next-scale decoder samples the bits of a scale
+    independently, so a prompt with many equally likely layouts asks it for a many-mode distribution that per-bit
+    sampling cannot draw from; the canonical layout gives each prompt one layout (EVAL.md run 8)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     p, c = prompt.p, prompt.category
+    canonical = layout == "canonical"
+    size = {} if not canonical or c == "size" else {"size": "large"}
     if c == "position":
-        a, b = _cells_for_relation(rng, p["relation"])
-        return Scene((random_obj(rng, a, color=p["color1"], shape=p["shape1"]),
-                      random_obj(rng, b, color=p["color2"], shape=p["shape2"])))
+        a, b = (CANONICAL_RELATION_CELLS[p["relation"]] if canonical else _cells_for_relation(rng, p["relation"]))
+        return Scene((random_obj(rng, a, color=p["color1"], shape=p["shape1"], **size),
+                      random_obj(rng, b, color=p["color2"], shape=p["shape2"], **size)))
     n = {"two_objects": 2, "color_attribution": 2, "counting": p.get("count", 1)}.get(c, 1)
-    cells = [p["cell"]] if c == "cell" else rng.sample(CELLS, n)
+    cells = [p["cell"]] if c == "cell" else list(CANONICAL_CELLS[n]) if canonical else rng.sample(CELLS, n)
     if c == "single_object":
-        objs = [random_obj(rng, cells[0], shape=p["shape"])]
+        objs = [random_obj(rng, cells[0], shape=p["shape"], **size)]
     elif c == "two_objects":
-        objs = [random_obj(rng, cells[0], shape=p["shape1"]), random_obj(rng, cells[1], shape=p["shape2"])]
+        objs = [random_obj(rng, cells[0], shape=p["shape1"], **size),
+                random_obj(rng, cells[1], shape=p["shape2"], **size)]
     elif c == "counting":
-        objs = [random_obj(rng, cell, shape=p["shape"]) for cell in cells]
+        objs = [random_obj(rng, cell, shape=p["shape"], **size) for cell in cells]
     elif c == "colors" or c == "cell":
-        objs = [random_obj(rng, cells[0], shape=p["shape"], color=p["color"])]
+        objs = [random_obj(rng, cells[0], shape=p["shape"], color=p["color"], **size)]
     elif c == "color_attribution":
-        objs = [random_obj(rng, cells[0], shape=p["shape1"], color=p["color1"]),
-                random_obj(rng, cells[1], shape=p["shape2"], color=p["color2"])]
+        objs = [random_obj(rng, cells[0], shape=p["shape1"], color=p["color1"], **size),
+                random_obj(rng, cells[1], shape=p["shape2"], color=p["color2"], **size)]
     elif c == "size":
         objs = [random_obj(rng, cells[0], shape=p["shape"], color=p["color"], size=p["size"])]
     else:

@@ -77,10 +77,11 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 
 def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_generation: int, n_editing: int,
                 exclude: Iterable[Scene] = (), gen_categories: tuple[str, ...] = GEN_CATEGORIES,
-                n_single: int = 0) -> SplitPaths:
+                n_single: int = 0, gen_layout: str = "random") -> SplitPaths:
     """Render a training split into ``out_dir`` (``images/``, ``understanding.jsonl``, ``generation.jsonl``,
     ``editing.jsonl`` and, when ``n_single`` > 0, ``understanding_single.jsonl`` of questions about one-object
-    scenes; image paths are relative to ``out_dir``)."""
+    scenes; image paths are relative to ``out_dir``). ``gen_layout``: the ``layout`` of ``scene_for_prompt`` for
+    the generation targets."""
     out = Path(out_dir)
     rng = random.Random(seed)
     banned = {s.key() for s in exclude}
@@ -107,7 +108,7 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
     und, gen, edit = questions(n_understanding, "u", None), [], []
     for i in range(n_generation):
         prompt = sample_gen_prompt(rng, gen_categories[i % len(gen_categories)])
-        scene = scene_for_prompt(rng, prompt)
+        scene = scene_for_prompt(rng, prompt, gen_layout)
         user, reply = wrap_prompt(rng, prompt)
         path = _save(render(scene), out / "images" / f"g{i:06d}.png")
         gen.append({"messages": [{"role": "user", "content": user},
