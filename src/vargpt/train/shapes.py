@@ -19,8 +19,12 @@ the stages that officially start from pretrained parts also train those parts he
    before each DPO round the default sampling settings are chosen among ``SAMPLING_CANDIDATES`` on validation
    prompts (``VALIDATION_SEED``, never the suite's); DPO samples its pairs with them and the checkpoints ship them
    (``image_generation_config.json``);
-5. editing SFT: decoder + projectors and -- because the LLM never saw an edit in stage 2's small budget -- the LLM;
+5. editing SFT: decoder + projectors (``edit_llm=True``: the LLM too, with questions in the mix, as in run 7);
    then the final checkpoint's sampling defaults are chosen again the same way.
+
+The generation targets have one layout per prompt (``gen_layout="canonical"``, ``scene_for_prompt``): what a prompt
+leaves open of the cells and the size is fixed, because the bitwise head samples each bit of a scale on its own and
+cannot draw from a many-mode 1x1 token (EVAL.md run 8).
 
 Every phase runs through the shared loop (``vargpt.train.loop.train``) and writes its final weights; the last one is
 the complete checkpoint directory ``DIR/final`` (config, weights, tokenizer, preprocessor settings).
