@@ -94,7 +94,10 @@ def test_every_generation_prompt_round_trips_and_its_scenes_pass() -> None:
 
 def test_canonical_layout_fixes_what_the_prompt_leaves_open() -> None:
     rng = random.Random(3)
-    cells = lambda text: [o.cell for o in scene_for_prompt(rng, parse_gen_prompt(text), "canonical").objects]  # noqa: E731
+
+    def cells(text: str) -> list[str]:
+        return [o.cell for o in scene_for_prompt(rng, parse_gen_prompt(text), "canonical").objects]
+
     assert cells("a circle") == ["center"]
     assert cells("a triangle and a square") == ["left", "right"]
     assert cells("three squares") == ["left", "center", "right"]
