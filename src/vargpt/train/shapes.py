@@ -356,9 +356,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
 
     # the generation targets and the edited images: with canonical generation targets (few cells, large objects),
     # the edits' random scenes keep every cell, size and object count in the tokenizer's training images
-    paths = [r["images"][-1] for f in (split.generation, split.editing)
-             for r in map(json.loads, f.read_text().splitlines())]
-    images = [Image.open(out / "data" / path).convert("RGB") for path in paths]
+    images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi]
     vae_cfg = VAETrainConfig(steps=run.vae_steps, batch_size=run.vae_batch, lr=run.vae_lr, lr_schedule="cosine",
                              foreground_weight=run.vae_foreground_weight, mixed_precision=run.vae_mixed_precision)
     losses = train_vae(model.vae, images, vae_cfg)
