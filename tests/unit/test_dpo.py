@@ -218,6 +218,27 @@ def test_build_pairs_writes_official_records(tmp_path):
     assert json.loads((tie.parent / "pairs.summary.json").read_text())["skipped_ties"] == 2
 
 
+def test_build_pairs_with_a_teacher_candidate(tmp_path):
+    """``teacher_fn``: an extra candidate that is chosen whenever it scores at least as well as the best sample,
+    is never rejected, and is recorded with a null seed; a prompt whose samples all match it is skipped."""
+    model = tiny_model()
+    cfg = model.config
+    engine = Engine(model, Processor(cfg, char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)))
+    params = ImageParams(cfg_scale=1.0, temperature=1.0, top_p=0.0)
+    red = Image.new("RGB", (64, 64), (255, 0, 0))
+    path = build_pairs(engine, ["a red circle"], n_candidates=2, reward_fn=redness, params=params,
+                       out_dir=tmp_path / "dpo", seed=4, teacher_fn=lambda prompt: red)
+    (rec,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rec["seeds"][0] is None and rec["seeds"][1] in (4, 5)
+    assert np.array_equal(np.asarray(Image.open(path.parent / rec["images"][0])), np.asarray(red))
+    assert rec["scores"] == [pytest.approx(1.0), pytest.approx(redness("", Image.open(path.parent / rec["images"][1])))]
+    assert json.loads((path.parent / "pairs.summary.json").read_text())["teacher"] is True
+    # a teacher that scores no better than every sample: the samples tie with it, no pair
+    flat = build_pairs(engine, ["a red circle"], n_candidates=2, reward_fn=lambda p, im: 0.5, params=params,
+                       out_dir=tmp_path / "flat", teacher_fn=lambda prompt: red)
+    assert flat.read_text() == ""
+
+
 def test_built_pairs_load_collate_and_train_through_dpo_step(tmp_path):
     """build_pairs -> data.load_records -> DPOCollator -> DPOStep: the records are a valid DPO data set and a batch
     of them gives log 2 at policy == reference."""

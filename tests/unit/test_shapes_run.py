@@ -166,6 +166,10 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     kept = all(torch.equal(before[k], after[k]) for k in llm)
     assert llm and kept == (not edit_llm)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    # the editing SFT runs at its own, lower rate (``edit_lr``); stage 3c at ``lr``
+    peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
+            for phase in ("edit", "stage3c")}
+    assert 0 < peak["edit"] <= ShapesRunConfig().edit_lr < peak["stage3c"] <= ShapesRunConfig().lr
 
 
 def test_canonical_generation_targets_in_the_split(tmp_path) -> None:
@@ -186,3 +190,46 @@ def test_canonical_generation_targets_in_the_split(tmp_path) -> None:
             assert [(o.cell, o.size) for o in objs] == [("center", "large")]
         if category != "size":
             assert {o.size for o in objs} == {"large"}
+
+
+def test_multi_object_categories_weigh_more_in_the_generation_split(tmp_path) -> None:
+    from collections import Counter
+
+    from vargpt.data.shapes import GEN_CATEGORIES
+    from vargpt.data.shapes.grammar import MULTI_OBJECT_CATEGORIES
+    from vargpt.data.shapes.tasks import build_split
+    from vargpt.train.shapes import ShapesRunConfig
+
+    run = ShapesRunConfig()
+    assert run.multi_object_weight == 2 and len(run.gen_categories()) == 12
+    assert ShapesRunConfig(multi_object_weight=1).gen_categories() == GEN_CATEGORIES
+    with pytest.raises(ValueError, match="multi_object_weight=0"):
+        ShapesRunConfig(multi_object_weight=0)
+    split = build_split(tmp_path, seed=0, n_understanding=0, n_generation=36, n_editing=0,
+                        gen_categories=run.gen_categories())
+    counts = Counter(json.loads(line)["meta"]["category"] for line in split.generation.open())
+    assert counts == {c: 6 if c in MULTI_OBJECT_CATEGORIES else 3 for c in GEN_CATEGORIES}
+
+
+def test_the_shapes_teacher_draws_a_passing_image_per_prompt() -> None:
+    """``shapes_teacher``: the DPO teacher candidate passes the scorer for every category, is the same image for
+    the same prompt, and follows the layout of the generation targets."""
+    import random
+
+    import numpy as np
+
+    from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
+    from vargpt.train.shapes import shapes_reward, shapes_teacher
+
+    rng = random.Random(0)
+    for layout in ("canonical", "random"):
+        teacher = shapes_teacher(layout)
+        for category in GEN_CATEGORIES:
+            for _ in range(5):
+                prompt = sample_gen_prompt(rng, category).text
+                image = teacher(prompt)
+                assert check_gen(parse_gen_prompt(prompt), read_image(image)), (layout, prompt)
+                assert shapes_reward(prompt, image) == 1.5
+                assert np.array_equal(np.asarray(image), np.asarray(teacher(prompt)))
+    canonical = read_image(shapes_teacher("canonical")("a triangle"))
+    assert [(o.cell, o.size) for o in canonical] == [("center", "large")]

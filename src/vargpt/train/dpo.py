@@ -249,8 +249,13 @@ class DPOStep:
 # ------------------------------------------------------------------------------------------- preference pairs
 def build_pairs(engine, prompts: Sequence[str], *, n_candidates: int,
                 reward_fn: Callable[[str, Image.Image], float], params=None, out_dir: str | Path, seed: int = 0,
-                response: str = IMAGE_GEN_TEXT, jsonl_name: str = "pairs.jsonl") -> Path:
+                response: str = IMAGE_GEN_TEXT, jsonl_name: str = "pairs.jsonl",
+                teacher_fn: Callable[[str], Image.Image] | None = None) -> Path:
     """Sample ``n_candidates`` images per prompt, keep the best as chosen and the worst as rejected.
+
+    ``teacher_fn``: an extra candidate per prompt from another generator (the official 256-px round's chosen images
+    are thought to come from Flux, SPEC.md §4.6), scored like the samples; it can be chosen, never rejected (its
+    seed is recorded as null). Without it, every candidate is the policy's own.
 
     Candidate i of prompt j is generated with seed ``seed + j * n_candidates + i`` (recorded in the record), with
     ``engine.generate_images([prompt] * n, params, seeds=..., assistant_prefix=<response before <image_gen>>)``, and
@@ -283,18 +288,24 @@ def build_pairs(engine, prompts: Sequence[str], *, n_candidates: int,
     with open(tmp, "w", encoding="utf-8") as f:
         for j, prompt in enumerate(prompts):
             seeds = [seed + j * n_candidates + i for i in range(n_candidates)]
-            images = engine.generate_images([prompt] * n_candidates, params, seeds=seeds, assistant_prefix=prefix)
-            scores = [float(reward_fn(prompt, g.image)) for g in images]
+            images = [g.image for g in engine.generate_images([prompt] * n_candidates, params, seeds=seeds,
+                                                               assistant_prefix=prefix)]
+            if teacher_fn is not None:  # the last candidate, chosen over samples that score as well
+                images.append(teacher_fn(prompt))
+                seeds.append(None)
+            scores = [float(reward_fn(prompt, image)) for image in images]
             if any(math.isnan(s) for s in scores):
                 raise ValueError(f"reward_fn returned NaN for prompt {j} ({prompt!r}): {scores}")
             best = max(range(n_candidates), key=lambda i: scores[i])
+            if teacher_fn is not None and scores[-1] >= scores[best]:
+                best = n_candidates
             worst = min(range(n_candidates), key=lambda i: scores[i])
             if scores[best] == scores[worst]:
                 skipped += 1
                 continue
             names = [f"images/{j:06d}_chosen.png", f"images/{j:06d}_rejected.png"]
-            images[best].image.save(out_dir / names[0])
-            images[worst].image.save(out_dir / names[1])
+            images[best].save(out_dir / names[0])
+            images[worst].save(out_dir / names[1])
             record = {
                 "conversations": [{"from": "human", "value": prompt}],
                 "chosen": {"from": "gpt", "value": response},
@@ -308,6 +319,7 @@ def build_pairs(engine, prompts: Sequence[str], *, n_candidates: int,
     os.replace(tmp, path)
     summary = {"jsonl": path.name, "prompts": len(prompts), "written": written, "skipped_ties": skipped,
                "n_candidates": n_candidates, "seed_rule": "seed + prompt_index * n_candidates + candidate_index",
+               "teacher": teacher_fn is not None,
                "seed": seed, "params": _params_dict(engine, params)}
     path.with_name(path.stem + ".summary.json").write_text(json.dumps(summary, indent=1))
     log.info("build_pairs: %d pair(s) written to %s, %d prompt(s) skipped (best and worst scores tie)",

@@ -37,18 +37,19 @@ import json
 import random
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from vargpt.checkpoint import save_checkpoint
 from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
-from vargpt.data.shapes.grammar import LAYOUTS
+from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES
 from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
@@ -108,7 +109,10 @@ class ShapesRunConfig:
     seed: int = 0
     n_understanding: int = 16000  # answers are a few tokens: stage 2 sees more of them than of the rest
     n_single: int = 4000  # questions about one-object scenes (the warm-up of stage 2)
-    n_generation: int = 6000
+    n_generation: int = 9000
+    # each category with two or more objects (``MULTI_OBJECT_CATEGORIES``) this many times per cycle of the
+    # generation split's categories (1: uniform, runs 1-8; 2: 1,500 records each against 750 for a one-object one)
+    multi_object_weight: int = 2
     n_editing: int = 3000
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
     stage2_editing: int = 1000
@@ -127,7 +131,10 @@ class ShapesRunConfig:
     stage3a_steps: int = 300
     stage3c_steps: int = 1300
     dpo_steps: int = 40
-    edit_steps: int = 600
+    # run 9: 300 steps at lr 1e-4 (runs 1-8: 600 at ``lr``); a new phase at lr 1e-3 cost generation by itself, and
+    # editing stayed at 0 whatever the phase (EVAL.md run 8). ``edit_lr`` None: ``lr``
+    edit_steps: int = 300
+    edit_lr: float | None = 1e-4
     # False (run 8): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
     # the LLM trains too, with questions in the mix (run 7)
@@ -136,6 +143,10 @@ class ShapesRunConfig:
     lr: float = 1e-3
     dpo_lr: float = 1e-5
     dpo_beta: float = 0.1
+    dpo_sft_weight: float = 0.0  # the SFT term on the chosen images (``DPOStep(sft_weight=...)``, official pref_ftx)
+    # True: each DPO prompt also gets the rendered scene of the prompt (``shapes_teacher``) as a candidate, the
+    # Shapes stand-in for the stronger generator behind the official chosen images; False: the policy's samples only
+    dpo_teacher: bool = False
     dpo_prompts: int = 160
     dpo_candidates: int = 4
     prompt_drop_rate: float = 0.1
@@ -161,6 +172,14 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
         if self.gen_layout not in LAYOUTS:
             raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
+        if self.multi_object_weight < 1:
+            raise ValueError(f"ShapesRunConfig.multi_object_weight={self.multi_object_weight}: expected >= 1")
+
+    def gen_categories(self) -> tuple[str, ...]:
+        """One cycle of the generation split's categories (``build_split(gen_categories=...)``), with each of
+        ``MULTI_OBJECT_CATEGORIES`` ``multi_object_weight`` times."""
+        return tuple(c for c in GEN_CATEGORIES
+                     for _ in range(self.multi_object_weight if c in MULTI_OBJECT_CATEGORIES else 1))
 
     @classmethod
     def quick(cls) -> ShapesRunConfig:
@@ -237,6 +256,19 @@ def shapes_reward(prompt: str, image) -> float:
     return score + 0.25 * common / max(len(need), len(got), 1)
 
 
+def shapes_teacher(layout: str) -> Callable[[str], Image.Image]:
+    """``teacher_fn`` of ``build_pairs``: the rendered scene of a prompt (``scene_for_prompt`` with ``layout``, its
+    open choices drawn from a seed derived from the prompt text), which passes the scorer by construction."""
+    from vargpt.data.shapes.grammar import scene_for_prompt
+    from vargpt.data.shapes.world import render
+
+    def teacher(prompt: str) -> Image.Image:
+        rng = random.Random(zlib.crc32(prompt.encode()))
+        return render(scene_for_prompt(rng, parse_gen_prompt(prompt), layout))
+
+    return teacher
+
+
 def _log(out: Path, msg: str) -> None:
     line = f"[{time.strftime('%H:%M:%S')}] {msg}"
     print(line, flush=True)
@@ -305,7 +337,8 @@ def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_see
     rng = random.Random(run.seed + round_seed)
     prompts = [sample_gen_prompt(rng, GEN_CATEGORIES[i % len(GEN_CATEGORIES)]).text for i in range(run.dpo_prompts)]
     pairs = build_pairs(engine, prompts, n_candidates=run.dpo_candidates, reward_fn=shapes_reward,
-                        params=ImageParams(seed=round_seed), out_dir=out / name / "pairs", seed=round_seed)
+                        params=ImageParams(seed=round_seed), out_dir=out / name / "pairs", seed=round_seed,
+                        teacher_fn=shapes_teacher(run.gen_layout) if run.dpo_teacher else None)
     records = load_records(pairs, kind="dpo").records
     if not records:
         _log(out, f"{name}: every prompt tied (no pair); DPO skipped")
@@ -314,7 +347,7 @@ def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_see
     reference.load_state_dict(model.state_dict())
     reference.eval().requires_grad_(False)
     apply_stage(model, STAGES["dpo"])
-    step = DPOStep(reference, beta=run.dpo_beta, seed=run.seed)
+    step = DPOStep(reference, beta=run.dpo_beta, sft_weight=run.dpo_sft_weight, seed=run.seed)
     collate = DPOCollator(model.config, processor, crop="center")
     cfg = TrainConfig(lr=run.dpo_lr, max_steps=run.dpo_steps, batch_size=max(1, run.batch_size // 4),
                       warmup_ratio=0.1, seed=run.seed, out_dir=str(out / name), log_every=1)
@@ -336,7 +369,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
     split = build_split(out / "data", seed=run.seed + 1, n_understanding=run.n_understanding,
                         n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
-                        n_single=run.n_single, gen_layout=run.gen_layout)
+                        n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories())
     und = load_records(split.understanding).records
     single = load_records(split.understanding_single).records if split.understanding_single else []
     gen = load_records(split.generation).records
@@ -351,11 +384,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     texts = shapes_corpus(und + single + gen + edi) if run.tokenizer == "bpe" else None
     processor = shapes_processor(cfg, system_turn=run.system_turn, texts=texts)
 
-    # 1. tokenizer
-    from PIL import Image
-
-    # the generation targets and the edited images: with canonical generation targets (few cells, large objects),
-    # the edits' random scenes keep every cell, size and object count in the tokenizer's training images
+    # 1. tokenizer, on the generation targets and the edited images: with canonical generation targets (few cells,
+    # large objects), the edits' random scenes keep every cell, size and object count in its training images
     images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi]
     vae_cfg = VAETrainConfig(steps=run.vae_steps, batch_size=run.vae_batch, lr=run.vae_lr, lr_schedule="cosine",
                              foreground_weight=run.vae_foreground_weight, mixed_precision=run.vae_mixed_precision)
@@ -412,8 +442,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     # generation only and its answers collapsed into edit replies, EVAL.md)
     mix = edi + gen[: len(edi)] + (und[: len(edi)] if run.edit_llm else [])
     stage = SHAPES_STAGES["edit" if run.edit_llm else "edit_frozen_llm"]
-    losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", monitor="editing",
-                  sampling=sampling)
+    losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
+                  monitor="editing", sampling=sampling)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
 
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final

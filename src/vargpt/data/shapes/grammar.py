@@ -14,13 +14,16 @@ from vargpt.data.shapes.scorer import ReadObj, relation_holds
 from vargpt.data.shapes.world import CELLS, COLORS, SHAPES, SIZES, Obj, Scene, cell_center, random_obj
 
 __all__ = [
-    "GEN_CATEGORIES", "RELATIONS", "LAYOUTS", "GenPrompt", "sample_gen_prompt", "parse_gen_prompt", "scene_for_prompt",
-    "check_gen", "QUESTION_KINDS", "sample_question", "parse_question", "answer_question", "check_answer",
+    "GEN_CATEGORIES", "MULTI_OBJECT_CATEGORIES", "RELATIONS", "LAYOUTS", "GenPrompt", "sample_gen_prompt",
+    "parse_gen_prompt", "scene_for_prompt", "check_gen", "QUESTION_KINDS", "sample_question", "parse_question",
+    "answer_question", "check_answer",
     "caption", "parse_caption", "EDIT_KINDS", "Edit", "sample_edit", "parse_edit", "apply_edit",
 ]
 
 GEN_CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution", "size",
                   "cell")
+#: The generation categories whose prompts ask for two or more objects.
+MULTI_OBJECT_CATEGORIES = ("two_objects", "counting", "position", "color_attribution")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 _COLOR = "|".join(COLORS)
