@@ -160,16 +160,18 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
     assert ShapesRunConfig().edit_llm is False  # the shipped recipe (run 8)
-    final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm))
+    final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm,
+                                                             edit_lr=1e-4 if edit_llm else None))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
     kept = all(torch.equal(before[k], after[k]) for k in llm)
     assert llm and kept == (not edit_llm)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    # the editing SFT runs at its own, lower rate (``edit_lr``); stage 3c at ``lr``
+    # ``edit_lr``: the editing SFT at its own rate (run 9); None (the shipped recipe): at ``lr``, as stage 3c
     peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
             for phase in ("edit", "stage3c")}
-    assert 0 < peak["edit"] <= ShapesRunConfig().edit_lr < peak["stage3c"] <= ShapesRunConfig().lr
+    assert ShapesRunConfig().edit_lr is None and 0 < peak["stage3c"] <= ShapesRunConfig().lr
+    assert peak["edit"] <= 1e-4 < peak["stage3c"] if edit_llm else peak["edit"] == peak["stage3c"]
 
 
 def test_canonical_generation_targets_in_the_split(tmp_path) -> None:
@@ -200,9 +202,9 @@ def test_multi_object_categories_weigh_more_in_the_generation_split(tmp_path) ->
     from vargpt.data.shapes.tasks import build_split
     from vargpt.train.shapes import ShapesRunConfig
 
-    run = ShapesRunConfig()
-    assert run.multi_object_weight == 2 and len(run.gen_categories()) == 12
-    assert ShapesRunConfig(multi_object_weight=1).gen_categories() == GEN_CATEGORIES
+    assert ShapesRunConfig().gen_categories() == GEN_CATEGORIES  # the shipped recipe: uniform (run 8)
+    run = ShapesRunConfig(multi_object_weight=2)  # run 9
+    assert len(run.gen_categories()) == 12
     with pytest.raises(ValueError, match="multi_object_weight=0"):
         ShapesRunConfig(multi_object_weight=0)
     split = build_split(tmp_path, seed=0, n_understanding=0, n_generation=36, n_editing=0,
