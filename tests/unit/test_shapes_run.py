@@ -207,6 +207,8 @@ def test_multi_object_categories_weigh_more_in_the_generation_split(tmp_path) ->
     assert len(run.gen_categories()) == 12
     with pytest.raises(ValueError, match="multi_object_weight=0"):
         ShapesRunConfig(multi_object_weight=0)
+    with pytest.raises(ValueError, match="edit_lr=0.0"):
+        ShapesRunConfig(edit_lr=0.0)
     split = build_split(tmp_path, seed=0, n_understanding=0, n_generation=36, n_editing=0,
                         gen_categories=run.gen_categories())
     counts = Counter(json.loads(line)["meta"]["category"] for line in split.generation.open())

@@ -177,6 +177,8 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
         if self.multi_object_weight < 1:
             raise ValueError(f"ShapesRunConfig.multi_object_weight={self.multi_object_weight}: expected >= 1")
+        if self.edit_lr is not None and not self.edit_lr > 0:
+            raise ValueError(f"ShapesRunConfig.edit_lr={self.edit_lr}: expected None (= lr) or a positive rate")
 
     def gen_categories(self) -> tuple[str, ...]:
         """One cycle of the generation split's categories (``build_split(gen_categories=...)``), with each of
