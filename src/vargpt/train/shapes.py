@@ -51,8 +51,9 @@ from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
-from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES
+from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES, scene_for_prompt
 from vargpt.data.shapes.tasks import build_split, eval_scenes
+from vargpt.data.shapes.world import render
 from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
 from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, save_sampling_defaults
@@ -248,8 +249,6 @@ def batch_group(record) -> tuple[str, int]:
 
 def shapes_reward(prompt: str, image) -> float:
     """DPO ranking: 1 for a pass (SHAPES.md rules), plus partial credit for the right number and kinds of shapes."""
-    from vargpt.data.shapes.grammar import scene_for_prompt
-
     p = parse_gen_prompt(prompt)
     objs = read_image(fit_canvas(image))
     want = scene_for_prompt(random.Random(0), p)
@@ -264,9 +263,6 @@ def shapes_reward(prompt: str, image) -> float:
 def shapes_teacher(layout: str) -> Callable[[str], Image.Image]:
     """``teacher_fn`` of ``build_pairs``: the rendered scene of a prompt (``scene_for_prompt`` with ``layout``, its
     open choices drawn from a seed derived from the prompt text), which passes the scorer by construction."""
-    from vargpt.data.shapes.grammar import scene_for_prompt
-    from vargpt.data.shapes.world import render
-
     def teacher(prompt: str) -> Image.Image:
         rng = random.Random(zlib.crc32(prompt.encode()))
         return render(scene_for_prompt(rng, parse_gen_prompt(prompt), layout))
