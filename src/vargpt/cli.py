@@ -271,7 +271,8 @@ def train_cmd(
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (overrides the config).")]
     = None,
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="KEY=VALUE: a TrainConfig field or data./dpo./lora./vae. field; repeatable.")] = None,
+        "--set", help="KEY=VALUE: a TrainConfig field or data./dpo./lora./vae. field (shapes: a ShapesRunConfig "
+                      "field, e.g. stage2_curriculum=color:800); repeatable.")] = None,
     gen_schedule: Annotated[str | None, typer.Option(
         "--gen-schedule", help="Generation schedule (default: the recipe's, e.g. 0.06M).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="shapes: a few-minute run that checks the mechanics.")]
@@ -287,7 +288,13 @@ def train_cmd(
             _fail("the shapes recipe renders its own data; drop --data")
         if out.exists() and any(out.iterdir()):
             _fail(f"{out} is not empty; the shapes recipe needs a fresh folder")
-        final = run_shapes(out, ShapesRunConfig.quick() if quick else ShapesRunConfig())
+        from vargpt.train.run_config import TrainCommandError, apply_sets
+
+        try:
+            run = apply_sets(ShapesRunConfig.quick() if quick else ShapesRunConfig(), set_ or [])
+        except TrainCommandError as e:
+            _fail(str(e))
+        final = run_shapes(out, run)
         typer.echo(f"checkpoint: {final}")
         return
     if not data:

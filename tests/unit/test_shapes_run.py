@@ -20,9 +20,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_quick_shapes_run_end_to_end(tmp_path) -> None:
     runner = CliRunner()
-    r = runner.invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--quick"])
+    r = runner.invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--quick", "--set", "stage1_steps=5"])
     assert r.exit_code == 0, r.output
     log = (tmp_path / "run" / "log.txt").read_text()
+    assert "stage1: 5 steps" in log  # --set: a ShapesRunConfig field (quick() has 4)
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["stage1_steps"] == 5
     for phase in ("data:", "tokenizer:", "stage1:", "stage2_warmup:", "stage2:", "stage3a (first-3)", "stage3b",
                   "stage3c (first-5)", "stage3c: default sampling", "stage3d", "edit:", "done in"):
         assert phase in log, phase
@@ -60,6 +62,18 @@ def test_quick_shapes_run_end_to_end(tmp_path) -> None:
     assert r.exit_code == 2 and "top_p=2.0: expected a number in [0, 1]" in r.output
     r = runner.invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--quick"])
     assert r.exit_code == 2 and "not empty" in r.output
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("stage1_step=5", "ShapesRunConfig has no field 'stage1_step'"),
+    ("stage1_steps=five", "--set stage1_steps: expected int, got 'five'"),
+    ("stage2_curriculum=colour:5", "stage2_curriculum[0]='colour:5': unknown question kind"),
+    ("stage1_steps", "expected KEY=VALUE"),
+])
+def test_shapes_set_errors_name_the_item_and_what_was_expected(tmp_path, item, message) -> None:
+    r = CliRunner().invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--set", item])
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "run").exists()  # nothing is written before the settings are checked
 
 
 def test_shapes_template_is_qwen2_vl_without_the_default_system_turn(tmp_path) -> None:
@@ -160,8 +174,9 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
     assert ShapesRunConfig().edit_llm is False  # the shipped recipe (run 8)
-    final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm,
-                                                             edit_lr=1e-4 if edit_llm else None))
+    # the True case also sets edit_lr and a stage-2 curriculum (one quick run per case covers these options)
+    options = dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3")) if edit_llm else {}
+    final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
     kept = all(torch.equal(before[k], after[k]) for k in llm)
@@ -171,10 +186,42 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
             for phase in ("edit", "stage3c")}
     assert ShapesRunConfig().edit_lr is None and 0 < peak["stage3c"] <= ShapesRunConfig().lr
-    if edit_llm:  # this case also sets edit_lr (one quick run per case covers both options)
+    if edit_llm:
         assert peak["edit"] <= 1e-4 < peak["stage3c"]
     else:
         assert peak["edit"] == peak["stage3c"]
+    # ``stage2_curriculum``: its phases run in order between the warm-up and stage 2, each for its steps
+    log = (tmp_path / "run" / "log.txt").read_text()
+    phases = [m.group(1) for m in re.finditer(r"\] (stage2\w*(?:\+\w+)*): (\d+) steps", log)]
+    assert phases == (["stage2_warmup", "stage2_color", "stage2_exists+where", "stage2"] if edit_llm
+                      else ["stage2_warmup", "stage2"])
+    if edit_llm:
+        steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "stage2_exists+where" / "log.jsonl").open()]
+        assert max(steps) == 3
+
+
+def test_stage2_curriculum_items_are_checked_and_select_their_question_kinds(tmp_path) -> None:
+    from vargpt.data.records import load_records
+    from vargpt.data.shapes import QUESTION_KINDS
+    from vargpt.data.shapes.tasks import build_split
+    from vargpt.train.shapes import ShapesRunConfig, question_kind
+
+    assert ShapesRunConfig().stage2_curriculum == ()  # the shipped recipe (run 8)
+    assert ShapesRunConfig(stage2_curriculum=("color:800", "exists+where:300")).curriculum() == [
+        (("color",), 800), (("exists", "where"), 300)]
+    for bad, why in (("color", "expected 'kind\\+kind:steps'"), ("color:0", "steps >= 1"),
+                     ("colour:5", r"unknown question kind\(s\) \['colour'\]"), (":5", "expected")):
+        with pytest.raises(ValueError, match=rf"stage2_curriculum\[1\]='{bad}'.*{why}"):
+            ShapesRunConfig(stage2_curriculum=("shape:1", bad))
+    split = build_split(tmp_path, seed=0, n_understanding=120, n_generation=0, n_editing=0)
+    records = load_records(split.understanding).records
+    kinds = [question_kind(r) for r in records]
+    assert set(kinds) == set(QUESTION_KINDS)
+    for r, k in zip(records, kinds, strict=True):
+        question = r.messages[0].content
+        assert question.startswith({"color": "<image>What color is the ", "shape": "<image>What shape is the ",
+                                    "count": "<image>How many", "exists": "<image>Is there a",
+                                    "where": "<image>Where is the ", "describe": "<image>Describe"}[k]), question
 
 
 def test_canonical_generation_targets_in_the_split(tmp_path) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from vargpt.train.loop import TrainConfig, TrainConfigError
 from vargpt.train.recipes import RECIPES, Recipe
 
-__all__ = ["TrainCommandError", "DataOptions", "DPOOptions", "LoraOptions", "RunConfig", "resolve_config",
+__all__ = ["TrainCommandError", "apply_sets", "DataOptions", "DPOOptions", "LoraOptions", "RunConfig", "resolve_config",
            "VAE_RECIPE", "VAE_LOSS_FIELDS"]
 
 VAE_RECIPE = "vae"
@@ -189,6 +189,27 @@ def _convert(value: Any, hint, where: str, *, text: bool) -> Any:
     if hint is str and isinstance(value, str):
         return value
     raise bad
+
+
+def apply_sets(obj, sets: list[str], where: str = "--set"):
+    """A copy of the dataclass ``obj`` with ``KEY=VALUE`` items applied (each value converted to the field's type;
+    a bad key or value is a ``TrainCommandError`` naming the item, the field and what was expected). Used for
+    ``vargpt train shapes --set`` on ``ShapesRunConfig``; the field's own checks run on the result."""
+    hints = _field_types(type(obj))
+    values: dict[str, Any] = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TrainCommandError(f"{where} {item!r}: expected KEY=VALUE")
+        if key not in hints:
+            raise TrainCommandError(f"{where} {item!r}: {type(obj).__name__} has no field {key!r}; expected one of "
+                                    f"{sorted(hints)}")
+        values[key] = _convert(text, hints[key], f"{where} {key}", text=True)
+    try:
+        return dataclasses.replace(obj, **values)
+    except ValueError as e:
+        raise TrainCommandError(f"{where}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ config resolution

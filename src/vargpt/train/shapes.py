@@ -51,7 +51,13 @@ from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
-from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES, scene_for_prompt
+from vargpt.data.shapes.grammar import (
+    LAYOUTS,
+    MULTI_OBJECT_CATEGORIES,
+    QUESTION_KINDS,
+    parse_question,
+    scene_for_prompt,
+)
 from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.data.shapes.world import render
 from vargpt.engine import Engine
@@ -68,7 +74,7 @@ from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
 __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "SHAPES_CHAT_TEMPLATE",
-           "batch_group", "shapes_corpus", "shapes_processor", "shapes_reward", "run_shapes"]
+           "batch_group", "question_kind", "shapes_corpus", "shapes_processor", "shapes_reward", "run_shapes"]
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
@@ -131,6 +137,11 @@ class ShapesRunConfig:
     vae_mixed_precision: str = "bf16"
     stage1_steps: int = 200
     stage2_warmup_steps: int = 500
+    # phases of questions of some kinds only, in order, before stage 2's mix: "kind+kind:steps" items (e.g.
+    # ("color:500", "shape:500")); empty: none (run 8). In stage 2's mix the LLM never learns to look an object up
+    # by what a question names -- run 8 answers every colour question about a scene with the same colour -- but on
+    # colour questions alone a fresh LLM learns it in 800 steps (EVAL.md, run 10 probes)
+    stage2_curriculum: tuple[str, ...] = ()
     stage2_steps: int = 4000
     stage3a_steps: int = 300
     stage3c_steps: int = 1300
@@ -180,6 +191,22 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.multi_object_weight={self.multi_object_weight}: expected >= 1")
         if self.edit_lr is not None and not self.edit_lr > 0:
             raise ValueError(f"ShapesRunConfig.edit_lr={self.edit_lr}: expected None (= lr) or a positive rate")
+        self.curriculum()  # validates stage2_curriculum
+
+    def curriculum(self) -> list[tuple[tuple[str, ...], int]]:
+        """``stage2_curriculum`` parsed: (question kinds, steps) per phase."""
+        phases = []
+        for i, item in enumerate(self.stage2_curriculum):
+            where = f"ShapesRunConfig.stage2_curriculum[{i}]={item!r}"
+            kinds, sep, steps = str(item).rpartition(":")
+            if not sep or not kinds or not steps.strip().isdigit() or int(steps) < 1:
+                raise ValueError(f"{where}: expected 'kind+kind:steps' with steps >= 1")
+            names = tuple(k.strip() for k in kinds.split("+"))
+            bad = [k for k in names if k not in QUESTION_KINDS]
+            if bad:
+                raise ValueError(f"{where}: unknown question kind(s) {bad}; expected some of {QUESTION_KINDS}")
+            phases.append((names, int(steps)))
+        return phases
 
     def gen_categories(self) -> tuple[str, ...]:
         """One cycle of the generation split's categories (``build_split(gen_categories=...)``), with each of
@@ -238,6 +265,14 @@ def shapes_corpus(records) -> list[str]:
 
 #: Characters per length bucket of ``batch_group``.
 GROUP_CHARS = 48
+
+
+def question_kind(record) -> str:
+    """The question kind (``QUESTION_KINDS``) of a Shapes understanding record."""
+    text = record.messages[0].content
+    if not isinstance(text, str):
+        raise ValueError(f"not a Shapes question record (its first message is not a string): {record.messages[0]}")
+    return parse_question(text.replace("<image>", ""))[0]
 
 
 def batch_group(record) -> tuple[str, int]:
@@ -408,9 +443,12 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     # 2. stage 1, 3. stage 2 (warm-up on one-object questions, then the mix)
     _set_schedule(model, FULL_RES)
     phases = [("stage1", SHAPES_STAGES["stage1"], gen, run.stage1_steps, "generation"),
-              ("stage2_warmup", stage2, single, run.stage2_warmup_steps, "understanding"),
-              ("stage2", stage2, und + gen[: run.stage2_generation] + edi[: run.stage2_editing],
-               run.stage2_steps, "understanding")]
+              ("stage2_warmup", stage2, single, run.stage2_warmup_steps, "understanding")]
+    kinds = [question_kind(r) for r in und]
+    phases += [(f"stage2_{'+'.join(ks)}", stage2, [r for r, k in zip(und, kinds, strict=True) if k in ks], steps,
+                "understanding") for ks, steps in run.curriculum()]
+    phases += [("stage2", stage2, und + gen[: run.stage2_generation] + edi[: run.stage2_editing], run.stage2_steps,
+                "understanding")]
     for name, stage, recs, steps, monitor in phases:
         if not recs or not steps:  # e.g. n_single = 0: no warm-up
             _log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
