@@ -141,7 +141,7 @@ class ShapesRunConfig:
     # ("color:500", "shape:500")); empty: none (run 8). In stage 2's mix the LLM never learns to look an object up
     # by what a question names (run 8 answers every colour question about a scene with the same colour); on colour
     # questions alone a fresh LLM learns it in 800 steps, but run 10 (``("color:800",)`` without the warm-up) lost
-    # it again in the mix and understanding fell 0.745 -> 0.469 (EVAL.md run 10)
+    # it again in the mix and understanding fell 0.745 -> 0.470 (EVAL.md run 10)
     stage2_curriculum: tuple[str, ...] = ()
     stage2_steps: int = 4000
     stage3a_steps: int = 300
