@@ -191,6 +191,14 @@ def _convert(value: Any, hint, where: str, *, text: bool) -> Any:
     raise bad
 
 
+def _split_set(item: str, where: str) -> tuple[str, str]:
+    """(key, value text) of a ``KEY=VALUE`` item; no ``=`` is an error naming the item."""
+    key, eq, text = item.partition("=")
+    if not eq:
+        raise TrainCommandError(f"{where} {item!r}: expected KEY=VALUE")
+    return key.strip(), text
+
+
 def apply_sets(obj, sets: list[str], where: str = "--set"):
     """A copy of the dataclass ``obj`` with ``KEY=VALUE`` items applied (each value converted to the field's type;
     a bad key or value is a ``TrainCommandError`` naming the item, the field and what was expected). Used for
@@ -198,9 +206,8 @@ def apply_sets(obj, sets: list[str], where: str = "--set"):
     hints = _field_types(type(obj))
     values: dict[str, Any] = {}
     for item in sets:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
+        key, text = _split_set(item, where)
+        if not key:
             raise TrainCommandError(f"{where} {item!r}: expected KEY=VALUE")
         if key not in hints:
             raise TrainCommandError(f"{where} {item!r}: {type(obj).__name__} has no field {key!r}; expected one of "
@@ -310,10 +317,7 @@ def resolve_config(recipe: str, *, out_dir: str | Path, config_file: Path | None
             check_key(k, where)
             values[k] = _convert(v, hint(k), f"{where}: {k}", text=False)
     for item in sets:
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise TrainCommandError(f"--set {item!r}: expected KEY=VALUE")
+        key, text = _split_set(item, "--set")
         check_key(key, "--set")
         values[key] = _convert(text, hint(key), f"--set {key}", text=True)
     if max_steps is not None:

@@ -40,7 +40,6 @@ import random
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,9 +51,6 @@ from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
 from vargpt.data.shapes.grammar import (
-    LAYOUTS,
-    MULTI_OBJECT_CATEGORIES,
-    QUESTION_KINDS,
     parse_question,
     scene_for_prompt,
 )
@@ -70,6 +66,7 @@ from vargpt.processing.tokenizer import bpe_tokenizer, char_tokenizer
 from vargpt.train.dpo import DPOStep, build_pairs
 from vargpt.train.loop import TrainConfig, train
 from vargpt.train.recipes import STAGES, Stage, apply_stage
+from vargpt.train.shapes_config import ShapesRunConfig
 from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
@@ -109,119 +106,6 @@ SHAPES_STAGES: dict[str, Stage] = {
     "edit_frozen_llm": Stage(name="shapes-edit-frozen-llm", trainable=("decoder", "gen_proj_in", "gen_proj_out"),
                              note="edit SFT of the decoder and the projectors only (``edit_llm=False``)"),
 }
-
-
-@dataclass(kw_only=True)
-class ShapesRunConfig:
-    """Sizes and step counts of the Shapes run (defaults: the shipped model; ``quick()`` for a smoke run)."""
-
-    seed: int = 0
-    n_understanding: int = 16000  # answers are a few tokens: stage 2 sees more of them than of the rest
-    n_single: int = 4000  # questions about one-object scenes (the warm-up of stage 2)
-    n_generation: int = 6000
-    # each category with two or more objects (``MULTI_OBJECT_CATEGORIES``) this many times per cycle of the
-    # generation split's categories (1: uniform, the shipped run 8; run 9 had 2 with n_generation=9000 and scored
-    # lower: the one-object categories lost more than the multi-object ones gained, EVAL.md run 9)
-    multi_object_weight: int = 1
-    n_editing: int = 3000
-    stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
-    stage2_editing: int = 1000
-    vit_steps: int = 1000  # ViT pre-training (``vargpt.train.shapes_vit``; 0 = none: the ViT learns in stage 2)
-    vit_batch: int = 64
-    vit_lr: float = 1e-3
-    vit_scenes: int = 20000
-    vae_steps: int = 3000
-    vae_batch: int = 16
-    vae_lr: float = 2e-3
-    vae_foreground_weight: float = 5.0  # small objects on white: without it every colour collapses (EVAL.md)
-    vae_mixed_precision: str = "bf16"
-    stage1_steps: int = 200
-    stage2_warmup_steps: int = 500
-    # phases of questions of some kinds only, in order, before stage 2's mix: "kind+kind:steps" items (e.g.
-    # ("color:500", "shape:500")); empty: none (run 8). In stage 2's mix the LLM never learns to look an object up
-    # by what a question names (run 8 answers every colour question about a scene with the same colour); on colour
-    # questions alone a fresh LLM learns it in 800 steps, but run 10 (``("color:800",)`` without the warm-up) lost
-    # it again in the mix and understanding fell 0.745 -> 0.470 (EVAL.md run 10)
-    stage2_curriculum: tuple[str, ...] = ()
-    stage2_steps: int = 4000
-    stage3a_steps: int = 300
-    stage3c_steps: int = 1300
-    dpo_steps: int = 40
-    edit_steps: int = 600
-    # the editing SFT's learning rate (None: ``lr``, the shipped run 8); run 9's 300 steps at 1e-4 cost generation as
-    # much as run 8's 600 at 1e-3 (-0.049 against -0.052 on the full suite, EVAL.md run 9)
-    edit_lr: float | None = None
-    # False (run 8): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
-    # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
-    # the LLM trains too, with questions in the mix (run 7)
-    edit_llm: bool = False
-    batch_size: int = 16
-    lr: float = 1e-3
-    dpo_lr: float = 1e-5
-    dpo_beta: float = 0.1
-    dpo_sft_weight: float = 0.0  # the SFT term on the chosen images (``DPOStep(sft_weight=...)``, official pref_ftx)
-    # True: each DPO prompt also gets the rendered scene of the prompt (``shapes_teacher``) as a candidate, the
-    # Shapes stand-in for the stronger generator behind the official chosen images; False: the policy's samples only
-    dpo_teacher: bool = False
-    dpo_prompts: int = 160
-    dpo_candidates: int = 4
-    prompt_drop_rate: float = 0.1
-    mixed_precision: str = "bf16"  # the SFT phases (1.4x faster on this CPU than fp32; DPO runs in fp32)
-    monitor_every: int = 500  # log a small slice of the suite a phase trains for every n steps (0 = at the end only)
-    sampling_per_category: int = 25  # validation prompts per category for choosing the sampling defaults
-    vae_padding_mode: str | None = None  # None: the shapes preset's ("zeros"; "replicate" was tried, EVAL.md)
-    # Two ways to shorter CPU steps, off in the shipped recipe (run 6 had both, with 4,200 stage-2 steps in 77.5
-    # min, and scored lower; EVAL.md): the chat template without the default system turn (SHAPES_CHAT_TEMPLATE),
-    # and batches drawn from one text-length bucket as well as one task (``batch_group``).
-    system_turn: bool = True
-    length_groups: bool = False
-    # "bpe": merges learned on the training split's texts (each grammar word one token: a question row is about
-    # 3x shorter than in characters); "char": one token per character (runs 1-6)
-    tokenizer: str = "bpe"
-    # the layout of the generation targets (``scene_for_prompt``): "canonical" (run 8) fixes the cells and the size
-    # a prompt leaves open, so that each prompt has one layout; "random" (runs 1-7) draws them
-    gen_layout: str = "canonical"
-    device: str = "cpu"  # where the model trains and samples ("cuda" on a GPU machine; the recipe is sized for CPU)
-
-    def __post_init__(self) -> None:
-        if self.tokenizer not in ("bpe", "char"):
-            raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
-        if self.gen_layout not in LAYOUTS:
-            raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
-        if self.multi_object_weight < 1:
-            raise ValueError(f"ShapesRunConfig.multi_object_weight={self.multi_object_weight}: expected >= 1")
-        if self.edit_lr is not None and not self.edit_lr > 0:
-            raise ValueError(f"ShapesRunConfig.edit_lr={self.edit_lr}: expected None (= lr) or a positive rate")
-        self.curriculum()  # validates stage2_curriculum
-
-    def curriculum(self) -> list[tuple[tuple[str, ...], int]]:
-        """``stage2_curriculum`` parsed: (question kinds, steps) per phase."""
-        phases = []
-        for i, item in enumerate(self.stage2_curriculum):
-            where = f"ShapesRunConfig.stage2_curriculum[{i}]={item!r}"
-            kinds, sep, steps = str(item).rpartition(":")
-            if not sep or not kinds or not steps.strip().isdigit() or int(steps) < 1:
-                raise ValueError(f"{where}: expected 'kind+kind:steps' with steps >= 1")
-            names = tuple(k.strip() for k in kinds.split("+"))
-            bad = [k for k in names if k not in QUESTION_KINDS]
-            if bad:
-                raise ValueError(f"{where}: unknown question kind(s) {bad}; expected some of {QUESTION_KINDS}")
-            phases.append((names, int(steps)))
-        return phases
-
-    def gen_categories(self) -> tuple[str, ...]:
-        """One cycle of the generation split's categories (``build_split(gen_categories=...)``), with each of
-        ``MULTI_OBJECT_CATEGORIES`` ``multi_object_weight`` times."""
-        return tuple(c for c in GEN_CATEGORIES
-                     for _ in range(self.multi_object_weight if c in MULTI_OBJECT_CATEGORIES else 1))
-
-    @classmethod
-    def quick(cls) -> ShapesRunConfig:
-        """A few minutes end to end: checks the mechanics, not the quality."""
-        return cls(n_understanding=64, n_single=16, n_generation=64, n_editing=32, stage2_generation=32,
-                   stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
-                   stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
-                   dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)
 
 
 #: The ViT's input normalisation for Shapes images: the white background maps to 0 in every channel. With Qwen2-VL's
@@ -445,9 +329,10 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     _set_schedule(model, FULL_RES)
     phases = [("stage1", SHAPES_STAGES["stage1"], gen, run.stage1_steps, "generation"),
               ("stage2_warmup", stage2, single, run.stage2_warmup_steps, "understanding")]
-    kinds = [question_kind(r) for r in und]
-    phases += [(f"stage2_{'+'.join(ks)}", stage2, [r for r, k in zip(und, kinds, strict=True) if k in ks], steps,
-                "understanding") for ks, steps in run.curriculum()]
+    if run.stage2_curriculum:
+        kinds = [question_kind(r) for r in und]
+        phases += [(f"stage2_{'+'.join(ks)}", stage2, [r for r, k in zip(und, kinds, strict=True) if k in ks], steps,
+                    "understanding") for ks, steps in run.curriculum()]
     phases += [("stage2", stage2, und + gen[: run.stage2_generation] + edi[: run.stage2_editing], run.stage2_steps,
                 "understanding")]
     for name, stage, recs, steps, monitor in phases:
