@@ -220,6 +220,10 @@ class VARGPTConfig:
     * ``bit_loss_weighting``: ``"mean"`` (default and official effective behaviour: plain mean over all bits of
       all scales, D1) or ``"scale"`` (Infinity's intended weighting: per-token mean over bits, token weight
       proportional to sqrt(area of the last scale / area of its scale), normalised per sequence).
+
+    Training choice (not an official switch): ``text_loss_reduction`` ``"token"`` (default, as the official code
+    and Hugging Face models: the mean over every text target of the batch) or ``"sample"`` (each row's mean over
+    its targets, then the mean over the rows that have any: a one-word answer weighs as much as a long caption).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -235,6 +239,7 @@ class VARGPTConfig:
     gen_pad_multiple: int = 1
     train_positions: Literal["mrope", "1d"] = "mrope"
     bit_loss_weighting: Literal["mean", "scale"] = "mean"
+    text_loss_reduction: Literal["token", "sample"] = "token"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     def __post_init__(self) -> None:
@@ -250,6 +255,8 @@ class VARGPTConfig:
                  f"expected 'mrope' or '1d', got {self.train_positions!r}")
         _require(self.bit_loss_weighting in ("mean", "scale"), "VARGPTConfig.bit_loss_weighting",
                  f"expected 'mean' or 'scale', got {self.bit_loss_weighting!r}")
+        _require(self.text_loss_reduction in ("token", "sample"), "VARGPTConfig.text_loss_reduction",
+                 f"expected 'token' or 'sample', got {self.text_loss_reduction!r}")
         _require(0.0 <= self.bsc_max_strength < 0.5, "VARGPTConfig.bsc_max_strength",
                  f"expected a flip rate in [0, 0.5), got {self.bsc_max_strength}")
         _require(self.gen_aspect_ratio > 0, "VARGPTConfig.gen_aspect_ratio",

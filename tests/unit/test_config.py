@@ -42,6 +42,8 @@ def test_bad_values_name_the_field(tmp_path):
         VARGPTConfig(gen_schedule="2M")
     with pytest.raises(ConfigError, match="text_loss_targets"):
         VARGPTConfig(text_loss_targets="everything")
+    with pytest.raises(ConfigError, match="text_loss_reduction"):
+        VARGPTConfig(text_loss_reduction="batch")
     d = get_preset("tiny").to_dict()
     d["decoder"]["widht"] = 3
     with pytest.raises(ConfigError, match="widht"):

@@ -90,6 +90,27 @@ def test_text_loss_targets_both_ways():
     torch.testing.assert_close(out2.loss, out2.text_loss + 3.0 * out2.bit_loss)
 
 
+def test_text_loss_reduction_sample_weights_each_row_equally():
+    model = tiny_model()
+    b = _gen_batch(model)  # rows with different numbers of text targets
+    gen_pad = model.config.special_tokens.image_gen_pad
+    with torch.no_grad():
+        token = model(**b)
+        model.config = replace(model.config, text_loss_reduction="sample")
+        sample = model(**b)
+    logits = token.text_logits_BTV[:, :-1]
+    t = b["labels"][:, 1:].masked_fill(b["input_ids"][:, 1:] == gen_pad, IGNORE_INDEX)
+    rows = [F.cross_entropy(logits[i], t[i], ignore_index=IGNORE_INDEX) for i in range(len(t))]
+    counts = [(t[i] != IGNORE_INDEX).sum().item() for i in range(len(t))]
+    assert len(set(counts)) > 1
+    torch.testing.assert_close(sample.text_loss, torch.stack(rows).mean())
+    torch.testing.assert_close(token.text_loss, sum(r * n for r, n in zip(rows, counts, strict=True)) / sum(counts))
+    assert not torch.allclose(token.text_loss, sample.text_loss)
+    with torch.no_grad():  # a row without targets is left out of the mean, not counted as 0
+        b["labels"][1] = IGNORE_INDEX
+        torch.testing.assert_close(model(**b).text_loss, rows[0])
+
+
 def test_gen_pad_multiple_changes_only_text_after_the_image():
     m1 = tiny_model()
     m128 = tiny_model(gen_pad_multiple=128)

@@ -220,3 +220,21 @@ def test_one_object_questions_are_extra_and_leave_the_split_unchanged(tmp_path) 
         question = r["messages"][0]["content"].removeprefix("<image>")
         kinds.add(parse_question(question)[0])
     assert len(kinds) >= 4  # every question kind is askable about one object
+
+
+def test_multi_object_kinds_ask_those_kinds_about_two_or_three_objects(tmp_path) -> None:
+    from PIL import Image
+
+    split = build_split(tmp_path, seed=2, n_understanding=120, n_generation=0, n_editing=0,
+                        multi_object_kinds=("color", "exists"))
+    counts: dict[str, set[int]] = {}
+    for line in split.understanding.read_text().splitlines():
+        r = json.loads(line)
+        kind = parse_question(r["messages"][0]["content"].removeprefix("<image>"))[0]
+        counts.setdefault(kind, set()).add(len(read_image(Image.open(tmp_path / r["images"][0]))))
+    assert counts["color"] <= {2, 3} and counts["exists"] <= {2, 3}
+    assert 1 in counts["count"] | counts["describe"] | counts["shape"] | counts["where"]  # the rest: 1-3 objects
+    assert len(counts) == 6  # every kind still asked
+    with pytest.raises(ValueError, match=r"unknown question kind\(s\) \['colour'\]"):
+        build_split(tmp_path / "x", seed=2, n_understanding=1, n_generation=0, n_editing=0,
+                    multi_object_kinds=("colour",))

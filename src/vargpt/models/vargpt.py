@@ -309,8 +309,15 @@ class VARGPT(nn.Module):
         shift_targets = targets[:, 1:]
         if not bool((shift_targets != IGNORE_INDEX).any()):
             return None
-        return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        if self.config.text_loss_reduction == "token":
+            return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        # "sample": each row's mean over its targets, then the mean over the rows that have any
+        ce_BT = F.cross_entropy(shift_logits.transpose(1, 2), shift_targets, ignore_index=IGNORE_INDEX,
+                                reduction="none")
+        n_B = (shift_targets != IGNORE_INDEX).sum(1)
+        has_B = n_B > 0
+        return (ce_BT.sum(1)[has_B] / n_B[has_B]).mean()
 
     def bit_loss(self, logits_NLV: torch.Tensor, labels_NLd: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         """Bit CE: plain mean over all bits (``"mean"``, official effective behaviour) or Infinity's per-scale

@@ -290,7 +290,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
     split = build_split(out / "data", seed=run.seed + 1, n_understanding=run.n_understanding,
                         n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
-                        n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories())
+                        n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories(),
+                        multi_object_kinds=run.multi_object_questions)
     und = load_records(split.understanding).records
     single = load_records(split.understanding_single).records if split.understanding_single else []
     gen = load_records(split.generation).records
@@ -298,7 +299,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     _log(out, f"data: {len(und)} understanding (+ {len(single)} one-object), {len(gen)} generation, "
               f"{len(edi)} editing records")
 
-    cfg = get_preset("shapes")
+    cfg = dataclasses.replace(get_preset("shapes"), text_loss_reduction=run.text_loss_reduction)
     if run.vae_padding_mode is not None:
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, padding_mode=run.vae_padding_mode))
     model = VARGPT(cfg).to(run.device)

@@ -44,6 +44,14 @@ class ShapesRunConfig:
     # questions alone a fresh LLM learns it in 800 steps, but run 10 (``("color:800",)`` without the warm-up) lost
     # it again in the mix and understanding fell 0.745 -> 0.470 (EVAL.md run 10)
     stage2_curriculum: tuple[str, ...] = ()
+    # question kinds asked in the understanding split only about scenes of two or three objects
+    # (``build_split(multi_object_kinds=...)``): about one object, "What color is the circle?" is answered by reading
+    # any object, and that is what run 8's LLM does for every scene; empty: every kind about 1-3 objects (run 8)
+    multi_object_questions: tuple[str, ...] = ()
+    # the model's ``text_loss_reduction``: "token" (run 8: the mean over every answer token of a batch, so a
+    # caption of ~20 tokens outweighs ten one-word answers) or "sample" (each record's mean, then the mean over the
+    # batch: a one-word look-up answer weighs as much as a caption)
+    text_loss_reduction: str = "token"
     stage2_steps: int = 4000
     stage3a_steps: int = 300
     stage3c_steps: int = 1300
@@ -94,6 +102,13 @@ class ShapesRunConfig:
         if self.edit_lr is not None and not self.edit_lr > 0:
             raise ValueError(f"ShapesRunConfig.edit_lr={self.edit_lr}: expected None (= lr) or a positive rate")
         self.curriculum()  # validates stage2_curriculum
+        if self.text_loss_reduction not in ("token", "sample"):
+            raise ValueError(f"ShapesRunConfig.text_loss_reduction={self.text_loss_reduction!r}: expected 'token' or "
+                             "'sample'")
+        bad = [k for k in self.multi_object_questions if k not in QUESTION_KINDS]
+        if bad:
+            raise ValueError(f"ShapesRunConfig.multi_object_questions: unknown question kind(s) {bad}; expected "
+                             f"some of {QUESTION_KINDS}")
 
     def curriculum(self) -> list[tuple[tuple[str, ...], int]]:
         """``stage2_curriculum`` parsed: (question kinds, steps) per phase."""

@@ -77,11 +77,19 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 
 def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_generation: int, n_editing: int,
                 exclude: Iterable[Scene] = (), gen_categories: tuple[str, ...] = GEN_CATEGORIES,
-                n_single: int = 0, gen_layout: str = "random") -> SplitPaths:
+                n_single: int = 0, gen_layout: str = "random", multi_object_kinds: Iterable[str] = ()) -> SplitPaths:
     """Render a training split into ``out_dir`` (``images/``, ``understanding.jsonl``, ``generation.jsonl``,
     ``editing.jsonl`` and, when ``n_single`` > 0, ``understanding_single.jsonl`` of questions about one-object
     scenes; image paths are relative to ``out_dir``). ``gen_layout``: the ``layout`` of ``scene_for_prompt`` for
-    the generation targets."""
+    the generation targets. ``multi_object_kinds``: question kinds (``QUESTION_KINDS``) asked in
+    ``understanding.jsonl`` only about scenes of two or three objects, where answering about any object of the
+    scene is not enough (empty: every kind about scenes of 1-3 objects, and the same records as before the option
+    existed)."""
+    multi_object_kinds = tuple(multi_object_kinds)
+    bad = [k for k in multi_object_kinds if k not in QUESTION_KINDS]
+    if bad:
+        raise ValueError(f"build_split(multi_object_kinds=...): unknown question kind(s) {bad}; expected some of "
+                         f"{QUESTION_KINDS}")
     out = Path(out_dir)
     rng = random.Random(seed)
     banned = {s.key() for s in exclude}
@@ -95,9 +103,15 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
     def questions(n_records: int, prefix: str, n_objects: int | None) -> list[dict]:
         records = []
         for i in range(n_records):
+            # with multi_object_kinds the kind comes first (it decides the object count) and stays through retries
+            kind = rng.choice(QUESTION_KINDS) if multi_object_kinds and n_objects is None else None
             while True:
-                scene = fresh_scene(n_objects)
-                qa = sample_question(rng, scene, rng.choice(QUESTION_KINDS))
+                if kind is None:
+                    scene = fresh_scene(n_objects)
+                    qa = sample_question(rng, scene, rng.choice(QUESTION_KINDS))
+                else:
+                    scene = fresh_scene(rng.choice((2, 3)) if kind in multi_object_kinds else None)
+                    qa = sample_question(rng, scene, kind)
                 if qa:
                     break
             path = _save(render(scene), out / "images" / f"{prefix}{i:06d}.png")
