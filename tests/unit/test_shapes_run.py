@@ -173,19 +173,20 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
-    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (run 8)
-    # the True case also sets edit_lr and a stage-2 curriculum (one quick run per case covers these options)
-    options = dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3")) if edit_llm else {}
+    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-11)
+    # the True case also sets edit_lr and a stage-2 curriculum, the False case edit_lr=None (one quick run per case
+    # covers these options)
+    options = dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3")) if edit_llm else dict(edit_lr=None)
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
     kept = all(torch.equal(before[k], after[k]) for k in llm)
     assert llm and kept == (not edit_llm)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    # ``edit_lr``: the editing SFT at its own rate (run 9); None (the shipped recipe): at ``lr``, as stage 3c
+    # ``edit_lr``: the editing SFT at its own rate (the shipped recipe: 1e-5); None: at ``lr``, as stage 3c
     peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
             for phase in ("edit", "stage3c")}
-    assert ShapesRunConfig().edit_lr is None and 0 < peak["stage3c"] <= ShapesRunConfig().lr
+    assert ShapesRunConfig().edit_lr == 1e-5 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
     if edit_llm:
         assert peak["edit"] <= 1e-4 < peak["stage3c"]
     else:

@@ -71,7 +71,8 @@ from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
 __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "SHAPES_CHAT_TEMPLATE",
-           "batch_group", "question_kind", "shapes_corpus", "shapes_processor", "shapes_reward", "run_shapes"]
+           "batch_group", "question_kind", "shapes_corpus", "shapes_processor", "shapes_reward", "run_shapes",
+           "rerun_editing"]
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
@@ -240,8 +241,8 @@ def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConf
     apply_stage(model, stage)
     gen = torch.Generator().manual_seed(run.seed + zlib.crc32(name.encode()) % 1000)
     collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
-    cfg = TrainConfig(lr=lr or run.lr, max_steps=steps, batch_size=run.batch_size, warmup_ratio=0.05,
-                      seed=run.seed, out_dir=str(out / name), log_every=max(1, steps // 20),
+    cfg = TrainConfig(lr=lr or run.lr, weight_decay=run.weight_decay, max_steps=steps, batch_size=run.batch_size,
+                      warmup_ratio=0.05, seed=run.seed, out_dir=str(out / name), log_every=max(1, steps // 20),
                       eval_every=run.monitor_every if monitor else 0, mixed_precision=run.mixed_precision)
     eval_fn = _monitor(processor, monitor, out, name, sampling=sampling) if monitor else None
     # one task (and length bucket) per batch where possible: an answer of a few tokens is not padded to a row with
@@ -363,6 +364,13 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
             _save(model, processor, out / "post_dpo", sampling)
 
     # 5. editing
+    final = _finish(model, processor, gen, edi, und, run, out, sampling)
+    _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
+    return final
+
+
+def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sampling: ImageParams) -> Path:
+    """The recipe's last two steps: the editing SFT, then the final checkpoint's sampling defaults -> ``out/final``."""
     _set_schedule(model, FULL_RES)
     # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
     # generation only and its answers collapsed into edit replies, EVAL.md)
@@ -371,12 +379,37 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
                   monitor="editing", sampling=sampling)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
-
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
     # model), so the final checkpoint's defaults are chosen again, the same way
     sampling = _select_sampling(model, processor, run, out, "edit")
-    final = _save(model, processor, out / "final", sampling)
-    _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
+    return _save(model, processor, out / "final", sampling)
+
+
+def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
+    """The editing SFT and the final sampling choice of ``run`` again, from ``run_dir/post_dpo`` and the training
+    split in ``run_dir/data`` of a finished ``run_shapes`` -> ``out_dir/final`` (log in ``out_dir/log.txt``).
+
+    Everything before these steps is the run's own, so this equals ``run_shapes`` with ``run``'s editing settings
+    but for the random stream of the editing SFT's bit flips and condition dropout (the global torch RNG, seeded
+    with ``run.seed`` right before the SFT rather than carried on from the phases before). The shipped model was
+    made this way (EVAL.md run 11)."""
+    from vargpt.checkpoint import load_model
+    from vargpt.generation.params import load_sampling_defaults
+
+    run = run or ShapesRunConfig()
+    run_dir, out = Path(run_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
+    source = run_dir / "post_dpo"
+    model = load_model(source, dtype=torch.float32, device=run.device)
+    processor = Processor.from_dir(source, model.config)
+    records = {name: load_records(run_dir / "data" / f"{name}.jsonl").records
+               for name in ("understanding", "generation", "editing")}
+    torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
+    final = _finish(model, processor, records["generation"], records["editing"], records["understanding"], run, out,
+                    load_sampling_defaults(source))
+    _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
     return final
 
 
