@@ -97,6 +97,9 @@ def test_image_normalisation_round_trips_and_is_validated(saved, tmp_path) -> No
     pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert (pre["image_mean"], pre["image_std"]) == ([1.0, 1.0, 1.0], [0.25, 0.25, 0.25])
     loaded = Processor.from_dir(tmp_path, cfg)
+    loaded.save(tmp_path / "again")  # a load-save round trip writes the same tokenizer settings
+    assert (json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+            == json.loads((tmp_path / "tokenizer_config.json").read_text()))
     img = Image.new("RGB", (56, 56), (255, 255, 255))
     img.putpixel((0, 0), (0, 127, 255))
     a = proc.image_processor(images=[img], return_tensors="pt")["pixel_values"]

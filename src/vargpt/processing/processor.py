@@ -89,6 +89,8 @@ class Processor:
                 f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json). Save one there, or pass "
                 "tokenizer=... to Engine.load (vargpt.processing.char_tokenizer suits small vocabularies)")
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        for key in ("local_files_only", "is_local"):  # how it was loaded, not what it is: kept out of a later save
+            tok.init_kwargs.pop(key, None)
         kw = {}
         pre = path / "preprocessor_config.json"
         if pre.is_file():
