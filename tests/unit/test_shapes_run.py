@@ -199,6 +199,19 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     if edit_llm:
         steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "stage2_exists+where" / "log.jsonl").open()]
         assert max(steps) == 3
+    else:  # ``rerun_editing``: the last two steps again from post_dpo, here at another rate; deterministic
+        from vargpt.train.shapes import rerun_editing
+
+        again = dataclasses.replace(ShapesRunConfig.quick(), edit_lr=1e-4)
+        finals = [rerun_editing(tmp_path / "run", tmp_path / f"rerun{i}", again) for i in range(2)]
+        a, b = (load_model(f).state_dict() for f in finals)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(torch.equal(before[k], a[k]) for k in llm)  # the LLM is post_dpo's
+        assert any(not torch.equal(a[k], after[k]) for k in a if k.startswith("decoder."))  # not the run's own edit
+        lrs = [json.loads(line)["lr"] for line in (tmp_path / "rerun0" / "edit" / "log.jsonl").open()]
+        assert 0 < max(lrs) <= 1e-4
+        assert "done in" in (tmp_path / "rerun0" / "log.txt").read_text()
+        assert (finals[0] / "image_generation_config.json").is_file()
 
 
 def test_stage2_curriculum_items_are_checked_and_select_their_question_kinds(tmp_path) -> None:
