@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vargpt.checkpoint import save_checkpoint
+from vargpt.checkpoint import load_model, save_checkpoint
 from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
@@ -58,7 +58,7 @@ from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.data.shapes.world import render
 from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
-from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, save_sampling_defaults
+from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, load_sampling_defaults, save_sampling_defaults
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.chat import DEFAULT_SYSTEM
 from vargpt.processing.processor import Processor
@@ -393,9 +393,6 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     but for the random stream of the editing SFT's bit flips and condition dropout (the global torch RNG, seeded
     with ``run.seed`` right before the SFT rather than carried on from the phases before). The shipped model was
     made this way (EVAL.md run 11)."""
-    from vargpt.checkpoint import load_model
-    from vargpt.generation.params import load_sampling_defaults
-
     run = run or ShapesRunConfig()
     run_dir, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vargpt.data.shapes import GEN_CATEGORIES
-from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES, QUESTION_KINDS
+from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES, check_question_kinds
 
 __all__ = ["ShapesRunConfig"]
 
@@ -115,10 +115,7 @@ class ShapesRunConfig:
         if self.text_loss_reduction not in ("token", "sample"):
             raise ValueError(f"ShapesRunConfig.text_loss_reduction={self.text_loss_reduction!r}: expected 'token' or "
                              "'sample'")
-        bad = [k for k in self.multi_object_questions if k not in QUESTION_KINDS]
-        if bad:
-            raise ValueError(f"ShapesRunConfig.multi_object_questions: unknown question kind(s) {bad}; expected "
-                             f"some of {QUESTION_KINDS}")
+        check_question_kinds(self.multi_object_questions, "ShapesRunConfig.multi_object_questions")
 
     def curriculum(self) -> list[tuple[tuple[str, ...], int]]:
         """``stage2_curriculum`` parsed: (question kinds, steps) per phase."""
@@ -128,10 +125,7 @@ class ShapesRunConfig:
             kinds, sep, steps = str(item).rpartition(":")
             if not sep or not kinds or not steps.strip().isdigit() or int(steps) < 1:
                 raise ValueError(f"{where}: expected 'kind+kind:steps' with steps >= 1")
-            names = tuple(k.strip() for k in kinds.split("+"))
-            bad = [k for k in names if k not in QUESTION_KINDS]
-            if bad:
-                raise ValueError(f"{where}: unknown question kind(s) {bad}; expected some of {QUESTION_KINDS}")
+            names = check_question_kinds((k.strip() for k in kinds.split("+")), where)
             phases.append((names, int(steps)))
         return phases
 

@@ -15,8 +15,8 @@ from vargpt.data.shapes.world import CELLS, COLORS, SHAPES, SIZES, Obj, Scene, c
 
 __all__ = [
     "GEN_CATEGORIES", "MULTI_OBJECT_CATEGORIES", "RELATIONS", "LAYOUTS", "GenPrompt", "sample_gen_prompt",
-    "parse_gen_prompt", "scene_for_prompt", "check_gen", "QUESTION_KINDS", "sample_question", "parse_question",
-    "answer_question", "check_answer",
+    "parse_gen_prompt", "scene_for_prompt", "check_gen", "QUESTION_KINDS", "check_question_kinds", "sample_question",
+    "parse_question", "answer_question", "check_answer",
     "caption", "parse_caption", "EDIT_KINDS", "Edit", "sample_edit", "parse_edit", "apply_edit",
 ]
 
@@ -209,6 +209,15 @@ def check_gen(prompt: GenPrompt, objs: list[ReadObj]) -> bool:
 
 # -------------------------------------------------------------------------------------------------- questions
 QUESTION_KINDS = ("color", "shape", "count", "exists", "where", "describe")
+
+
+def check_question_kinds(kinds, where: str) -> tuple[str, ...]:
+    """``kinds`` as a tuple; a ValueError naming ``where`` when any is not one of ``QUESTION_KINDS``."""
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in QUESTION_KINDS]
+    if bad:
+        raise ValueError(f"{where}: unknown question kind(s) {bad}; expected some of {QUESTION_KINDS}")
+    return kinds
 
 
 def caption(scene: Scene) -> str:

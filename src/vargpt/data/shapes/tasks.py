@@ -25,6 +25,7 @@ from vargpt.data.shapes.grammar import (
     GEN_CATEGORIES,
     QUESTION_KINDS,
     GenPrompt,
+    check_question_kinds,
     sample_edit,
     sample_gen_prompt,
     sample_question,
@@ -85,11 +86,7 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
     ``understanding.jsonl`` only about scenes of two or three objects, where answering about any object of the
     scene is not enough (empty: every kind about scenes of 1-3 objects, and the same records as before the option
     existed)."""
-    multi_object_kinds = tuple(multi_object_kinds)
-    bad = [k for k in multi_object_kinds if k not in QUESTION_KINDS]
-    if bad:
-        raise ValueError(f"build_split(multi_object_kinds=...): unknown question kind(s) {bad}; expected some of "
-                         f"{QUESTION_KINDS}")
+    multi_object_kinds = check_question_kinds(multi_object_kinds, "build_split(multi_object_kinds=...)")
     out = Path(out_dir)
     rng = random.Random(seed)
     banned = {s.key() for s in exclude}
