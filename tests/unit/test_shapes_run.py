@@ -174,9 +174,10 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
     assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-11)
-    # the True case also sets edit_lr and a stage-2 curriculum, the False case edit_lr=None (one quick run per case
-    # covers these options)
-    options = dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3")) if edit_llm else dict(edit_lr=None)
+    # the True case also sets edit_lr, llm_lr and a stage-2 curriculum, the False case edit_lr=None (one quick run per
+    # case covers these options)
+    options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), llm_lr=3e-4) if edit_llm
+               else dict(edit_lr=None))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
@@ -191,6 +192,17 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         assert peak["edit"] <= 1e-4 < peak["stage3c"]
     else:
         assert peak["edit"] == peak["stage3c"]
+    # ``llm_lr``: the LLM's own peak rate in every stage-2 phase (the decoder's stays ``lr``), not in stage 1
+    from vargpt.train import latest_checkpoint
+
+    def peak_rates(phase: str) -> set[float]:
+        opt = torch.load(latest_checkpoint(tmp_path / "run" / phase) / "optimizer.pt", weights_only=True)
+        return {g["initial_lr"] for g in opt["param_groups"]}
+
+    lr = ShapesRunConfig.quick().lr
+    assert ShapesRunConfig().llm_lr is None and peak_rates("stage1") == {lr}
+    for phase in ("stage2_warmup", "stage2") + (("stage2_color",) if edit_llm else ()):
+        assert peak_rates(phase) == ({lr, 3e-4} if edit_llm else {lr})
     # ``stage2_curriculum``: its phases run in order between the warm-up and stage 2, each for its steps
     log = (tmp_path / "run" / "log.txt").read_text()
     phases = [m.group(1) for m in re.finditer(r"\] (stage2\w*(?:\+\w+)*): (\d+) steps", log)]

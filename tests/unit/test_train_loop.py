@@ -250,6 +250,48 @@ def test_schedule_clipping_frozen_parameters_and_log(tmp_path):
     assert {"loss", "samples_per_s", "epoch"} <= log[0].keys()
 
 
+def test_module_lr_gives_a_module_its_own_rate_and_the_schedule_scales_both(tmp_path):
+    """Adam's first update is -rate * sign(grad) per element (|grad| >> eps): fc2 moves by its own rate, fc1 by lr;
+    the longest matching prefix wins; the log's lr is the base group's; a resumed run keeps both rates."""
+    before = _weights(build_mlp())
+    cfg = _config(tmp_path, "one", max_steps=1, warmup_steps=0, grad_accum=1, max_grad_norm=0.0,
+                  module_lr={"fc2": 1e-4, "fc2.bias": 3e-3})
+    model = build_mlp()
+    train(model, mlp_dataset(), mlp_collate, cfg)
+    rates = {"fc1.weight": 1e-2, "fc1.bias": 1e-2, "fc2.weight": 1e-4, "fc2.bias": 3e-3}
+    for name, p in model.named_parameters():
+        if name in rates:
+            step = (p.detach() - before[name]).abs()
+            torch.testing.assert_close(step, torch.full_like(step, rates[name]), rtol=1e-3, atol=0)
+    log = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["lr"] == 1e-2
+    # the schedule multiplies every group's peak rate alike; an interrupted run resumes on the same per-group rates
+    multi = dict(max_steps=6, warmup_steps=2, module_lr={"fc2": 1e-4})
+    full = train(build_mlp(), mlp_dataset(), mlp_collate, _config(tmp_path, "full", **multi))
+    part = _config(tmp_path, "part", **multi)
+    cut = train(build_mlp(), mlp_dataset(), mlp_collate, part, callbacks=[lambda info: info.step == 3])
+    rest = train(build_mlp(), mlp_dataset(), mlp_collate, part, resume=cut.checkpoint)
+    assert full.losses[3:] == rest.losses
+    opt = torch.load(full.checkpoint / "optimizer.pt", weights_only=True)
+    assert sorted(g["initial_lr"] for g in opt["param_groups"]) == [1e-4, 1e-4, 1e-2, 1e-2]
+
+
+@pytest.mark.parametrize("module_lr,match", [
+    ({"fc3": 1e-3}, r"prefix\(es\) \['fc3'\] match no trainable parameter"),
+    ({"frozen": 1e-3}, r"\['frozen'\] match no trainable"),  # frozen parameters are not trained at any rate
+    ({"fc": 1e-3}, r"\['fc'\] match no trainable"),  # a prefix ends at a dot: "fc" is not "fc1"
+])
+def test_module_lr_prefixes_that_match_nothing_are_errors(tmp_path, module_lr, match):
+    with pytest.raises(TrainConfigError, match=match):
+        train(build_mlp(), mlp_dataset(), mlp_collate, _config(tmp_path, "x", module_lr=module_lr))
+
+
+@pytest.mark.parametrize("module_lr", [{"fc2": 0.0}, {"fc2.": 1e-3}, {"": 1e-3}, {"fc2": float("nan")}])
+def test_module_lr_values_are_checked(module_lr):
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.module_lr:"):
+        TrainConfig(module_lr=module_lr)
+
+
 def test_eval_fn_runs_in_eval_mode_without_grad(tmp_path):
     seen = []
 

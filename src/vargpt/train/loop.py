@@ -68,9 +68,15 @@ class TrainConfig:
 
     ``warmup_steps`` (an int) overrides ``warmup_ratio`` (of ``max_steps``). ``eval_every``/``save_every`` 0 = only at
     the end. Weight decay applies to parameters of >= 2 dimensions (not to biases, norms, gains).
+
+    ``module_lr`` maps parameter-name prefixes to their own peak rate (e.g. ``{"backbone.model.language_model":
+    3e-4}``): a parameter takes the rate of the longest prefix it matches (its name equals the prefix or continues it
+    after a dot), ``lr`` otherwise. The schedule scales every rate alike. A prefix that matches no trainable parameter
+    is an error (a typo would otherwise train everything at ``lr``).
     """
 
     lr: float = 5e-5
+    module_lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -94,6 +100,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives a list
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}")
+        self.module_lr = {str(k): float(v) for k, v in dict(self.module_lr).items()}
+        for prefix, rate in self.module_lr.items():
+            _require(bool(prefix) and not prefix.endswith("."), "module_lr",
+                     f"prefix {prefix!r} must be a parameter name or a module path without a trailing dot")
+            _require(rate > 0 and math.isfinite(rate), "module_lr",
+                     f"{prefix!r}: must be a positive number, got {rate}")
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
                  f"expected two values in [0, 1), got {self.betas}")
@@ -186,12 +198,35 @@ def make_accelerator(config: TrainConfig):
     )
 
 
+def _module_rate(name: str, module_lr: dict[str, float], default: float) -> tuple[str | None, float]:
+    """(the longest prefix of ``module_lr`` that ``name`` matches or None, its rate or ``default``)."""
+    hits = [p for p in module_lr if name == p or name.startswith(p + ".")]
+    if not hits:
+        return None, default
+    prefix = max(hits, key=len)
+    return prefix, module_lr[prefix]
+
+
 def build_optimizer(named_params: Sequence[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the given (trainable) parameters; weight decay only on tensors of >= 2 dimensions."""
-    decay = [p for _, p in named_params if p.ndim >= 2]
-    no_decay = [p for _, p in named_params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
+    """AdamW over the given (trainable) parameters; weight decay only on tensors of >= 2 dimensions; peak rates per
+    ``config.module_lr`` (one parameter group per rate and decay)."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    used: set[str] = set()
+    for name, p in named_params:
+        prefix, rate = _module_rate(name, config.module_lr, config.lr)
+        if prefix is not None:
+            used.add(prefix)
+        groups.setdefault((rate, p.ndim >= 2), []).append(p)
+    unused = sorted(set(config.module_lr) - used)
+    if unused:
+        raise TrainConfigError(f"TrainConfig.module_lr: prefix(es) {unused} match no trainable parameter; trainable "
+                               f"modules: {sorted({n.rsplit('.', 1)[0] for n, _ in named_params})[:20]}")
+    # the groups at ``lr`` first (decayed, then not: the layout without ``module_lr``), so that ``param_groups[0]``
+    # is the run's base rate where any parameter has it
+    order = sorted(groups, key=lambda k: (k[0] != config.lr, not k[1]))
+    param_groups = [{"params": groups[k], "lr": k[0], "weight_decay": config.weight_decay if k[1] else 0.0}
+                    for k in order]
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
 def train(

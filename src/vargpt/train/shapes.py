@@ -66,7 +66,7 @@ from vargpt.processing.tokenizer import bpe_tokenizer, char_tokenizer
 from vargpt.train.dpo import DPOStep, build_pairs
 from vargpt.train.loop import TrainConfig, train
 from vargpt.train.recipes import STAGES, Stage, apply_stage
-from vargpt.train.shapes_config import ShapesRunConfig
+from vargpt.train.shapes_config import LLM_MODULES, ShapesRunConfig
 from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
@@ -237,12 +237,13 @@ def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: st
 
 
 def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConfig, out: Path, name: str,
-         lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None) -> list[float]:
+         lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None,
+         module_lr: dict[str, float] | None = None) -> list[float]:
     apply_stage(model, stage)
     gen = torch.Generator().manual_seed(run.seed + zlib.crc32(name.encode()) % 1000)
     collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
-    cfg = TrainConfig(lr=lr or run.lr, weight_decay=run.weight_decay, max_steps=steps, batch_size=run.batch_size,
-                      warmup_ratio=0.05, seed=run.seed, out_dir=str(out / name), log_every=max(1, steps // 20),
+    cfg = TrainConfig(lr=lr or run.lr, module_lr=module_lr or {}, weight_decay=run.weight_decay, max_steps=steps,
+                      batch_size=run.batch_size, warmup_ratio=0.05, seed=run.seed, out_dir=str(out / name), log_every=max(1, steps // 20),
                       eval_every=run.monitor_every if monitor else 0, mixed_precision=run.mixed_precision)
     eval_fn = _monitor(processor, monitor, out, name, sampling=sampling) if monitor else None
     # one task (and length bucket) per batch where possible: an answer of a few tokens is not padded to a row with
@@ -341,7 +342,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         if not recs or not steps:  # e.g. n_single = 0: no warm-up
             _log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
             continue
-        losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor)
+        module_lr = {m: run.llm_lr for m in LLM_MODULES} if run.llm_lr and name != "stage1" else None
+        losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor, module_lr=module_lr)
         _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
 
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from vargpt.data.shapes import GEN_CATEGORIES
 from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES, check_question_kinds
 
-__all__ = ["ShapesRunConfig"]
+__all__ = ["ShapesRunConfig", "LLM_MODULES"]
+
+#: the LLM's parameters (``ShapesRunConfig.llm_lr``): the decoder-only transformer with its embeddings, and the head
+LLM_MODULES: tuple[str, ...] = ("backbone.model.language_model", "backbone.lm_head")
 
 
 @dataclass(kw_only=True)
@@ -69,6 +72,10 @@ class ShapesRunConfig:
     # the SFT phases' peak rate. At 1e-3 the LLM's answer-position heads saturate on one image token; in a probe the
     # warm-up + 2,500 mixed steps at 3e-4 reached 0.86 on an understanding slice against run 8's 0.738 (EVAL.md)
     lr: float = 1e-3
+    # the LLM's own peak rate in stage 2 (the warm-up, the curriculum phases and the mix; ``LLM_MODULES`` take it
+    # through ``TrainConfig.module_lr``, the decoder, the projectors and an unfrozen ViT keep ``lr``); None: ``lr``
+    # (runs 1-11). The LLM trains in stage 2 only (stage 3 and the editing SFT freeze it by default)
+    llm_lr: float | None = None
     # AdamW weight decay of the SFT phases (tensors of >= 2 dimensions; 0: the shipped recipe). Run 8's LLM answers
     # with saturated attention: at the answer position two or three of four heads in each of layers 1-3 put 0.84-1.00
     # of their weight on one image token, the same whatever object the question names; 0.1 halved such heads in a
@@ -109,6 +116,8 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.multi_object_weight={self.multi_object_weight}: expected >= 1")
         if self.edit_lr is not None and not self.edit_lr > 0:
             raise ValueError(f"ShapesRunConfig.edit_lr={self.edit_lr}: expected None (= lr) or a positive rate")
+        if self.llm_lr is not None and not self.llm_lr > 0:
+            raise ValueError(f"ShapesRunConfig.llm_lr={self.llm_lr}: expected None (= lr) or a positive rate")
         self.curriculum()  # validates stage2_curriculum
         if self.weight_decay < 0:
             raise ValueError(f"ShapesRunConfig.weight_decay={self.weight_decay}: expected >= 0")
