@@ -144,6 +144,24 @@ def test_yaml_config_and_typed_set_values(tmp_path):
         resolve_config("stage3b", out_dir=tmp_path, config_file=cfg)
 
 
+def test_module_lr_from_set_and_from_a_config_file(tmp_path):
+    """``module_lr`` (a dict field): KEY:VALUE pairs on the command line, an object in a file; a bad value names its
+    key."""
+    run = resolve_config("stage2", out_dir=tmp_path, sets=["module_lr=backbone.lm_head:3e-4, backbone.model:1e-4"])
+    assert run.train.module_lr == {"backbone.lm_head": 3e-4, "backbone.model": 1e-4}
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"module_lr": {"decoder": 2e-3}}))
+    assert resolve_config("stage3a", out_dir=tmp_path, config_file=cfg).train.module_lr == {"decoder": 2e-3}
+    assert resolve_config("stage2", out_dir=tmp_path, sets=["module_lr="]).train.module_lr == {}
+    for bad in ("decoder", ":1e-3"):
+        with pytest.raises(TrainCommandError, match=r"--set module_lr: expected comma-separated KEY:VALUE pairs"):
+            resolve_config("stage2", out_dir=tmp_path, sets=[f"module_lr={bad}"])
+    with pytest.raises(TrainCommandError, match=r"--set module_lr\['decoder'\]: expected float, got 'fast'"):
+        resolve_config("stage2", out_dir=tmp_path, sets=["module_lr=decoder:fast"])
+    with pytest.raises(TrainCommandError, match=r"TrainConfig.module_lr: 'decoder': must be a positive number"):
+        resolve_config("stage2", out_dir=tmp_path, sets=["module_lr=decoder:-1"])
+
+
 def test_resume_latest_continues_an_interrupted_run_exactly(data, tmp_path, monkeypatch):
     """A 4-step run stopped after step 2 (as a preempted job: the loop writes a checkpoint and the process ends),
     then ``--resume latest``, ends with the same weights, bit for bit, as an uninterrupted 4-step run.

@@ -140,6 +140,8 @@ def _type_name(hint) -> str:
     if origin is tuple:
         return f"comma-separated {_type_name(args[0])}s" if args[-1] is Ellipsis else \
             f"{len(args)} comma-separated values"
+    if origin is dict:
+        return f"comma-separated KEY:VALUE pairs ({_type_name(args[0])} keys, {_type_name(args[1])} values)"
     return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
@@ -169,6 +171,17 @@ def _convert(value: Any, hint, where: str, *, text: bool) -> Any:
         if len(elems) != len(value):
             raise bad
         return tuple(_convert(v, t, where, text=text) for v, t in zip(value, elems, strict=True))
+    if origin is dict:  # --set module_lr=backbone.lm_head:3e-4,decoder:1e-3; in a file, an object
+        if text:
+            items = [p.strip() for p in value.strip().strip("{}").split(",") if p.strip()]
+            pairs = [item.rpartition(":") for item in items]
+            if any(not sep or not k.strip() for k, sep, _ in pairs):
+                raise bad
+            value = {k.strip(): v.strip() for k, _, v in pairs}
+        if not isinstance(value, dict):
+            raise bad
+        return {_convert(k, args[0], where, text=text): _convert(v, args[1], f"{where}[{k!r}]", text=text)
+                for k, v in value.items()}
     if hint is bool:
         if text and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.strip().lower() in ("true", "1", "yes", "on")

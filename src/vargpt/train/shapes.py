@@ -243,7 +243,8 @@ def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConf
     gen = torch.Generator().manual_seed(run.seed + zlib.crc32(name.encode()) % 1000)
     collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
     cfg = TrainConfig(lr=lr or run.lr, module_lr=module_lr or {}, weight_decay=run.weight_decay, max_steps=steps,
-                      batch_size=run.batch_size, warmup_ratio=0.05, seed=run.seed, out_dir=str(out / name), log_every=max(1, steps // 20),
+                      batch_size=run.batch_size, warmup_ratio=0.05, seed=run.seed, out_dir=str(out / name),
+                      log_every=max(1, steps // 20),
                       eval_every=run.monitor_every if monitor else 0, mixed_precision=run.mixed_precision)
     eval_fn = _monitor(processor, monitor, out, name, sampling=sampling) if monitor else None
     # one task (and length bucket) per batch where possible: an answer of a few tokens is not padded to a row with
