@@ -394,8 +394,8 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
 
     Everything before these steps is the run's own, so this equals ``run_shapes`` with ``run``'s editing settings
     but for the random stream of the editing SFT's bit flips and condition dropout (the global torch RNG, seeded
-    with ``run.seed`` right before the SFT rather than carried on from the phases before). The shipped model was
-    made this way in run 11 (EVAL.md); run 12 ran the recipe in one go."""
+    with ``run.seed`` right before the SFT rather than carried on from the phases before). Run 11's shipped
+    checkpoint was made this way (EVAL.md); run 12 ran the whole recipe in one go."""
     run = run or ShapesRunConfig()
     run_dir, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

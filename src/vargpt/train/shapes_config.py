@@ -62,7 +62,8 @@ class ShapesRunConfig:
     edit_steps: int = 200  # run 8: 600
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried, and the phase costs
     # generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079, from
-    # the post-DPO to the final checkpoint; at 1e-5 (run 11's rerun; run 12) +0.017, within the suite's spread (EVAL.md)
+    # the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun) and -0.014 (run 12), within the suite's
+    # spread (EVAL.md)
     edit_lr: float | None = 1e-5
     # False (runs 8-12): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
