@@ -244,8 +244,8 @@ def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConf
     collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
     cfg = TrainConfig(lr=lr or run.lr, module_lr=module_lr or {}, weight_decay=run.weight_decay, max_steps=steps,
                       batch_size=run.batch_size, warmup_ratio=0.05, seed=run.seed, out_dir=str(out / name),
-                      log_every=max(1, steps // 20),
-                      eval_every=run.monitor_every if monitor else 0, mixed_precision=run.mixed_precision)
+                      log_every=max(1, steps // 20), eval_every=run.monitor_every if monitor else 0,
+                      mixed_precision=run.mixed_precision)
     eval_fn = _monitor(processor, monitor, out, name, sampling=sampling) if monitor else None
     # one task (and length bucket) per batch where possible: an answer of a few tokens is not padded to a row with
     # 121 image slots (or to a caption)
@@ -343,7 +343,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         if not recs or not steps:  # e.g. n_single = 0: no warm-up
             _log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
             continue
-        module_lr = {m: run.llm_lr for m in LLM_MODULES} if run.llm_lr and name != "stage1" else None
+        # the LLM's own rate wherever the phase trains it (stage 1 does not)
+        module_lr = {m: run.llm_lr for m in LLM_MODULES if m in stage.trainable} if run.llm_lr else None
         losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor, module_lr=module_lr)
         _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
 
