@@ -101,6 +101,8 @@ SHAPES_STAGES: dict[str, Stage] = {
                                           "gen_proj_in", "gen_proj_out"),
                                note="stage 2 + the decoder and the projectors; the pre-trained ViT frozen"),
     "stage3": STAGES["stage3"],
+    "stage3_llm": Stage(name="shapes-stage3-llm", trainable=STAGES["stage3"].trainable + LLM_MODULES,
+                        note="stage 3 with the LLM trainable too (``stage3_llm_lr``; questions in the mix)"),
     "edit": Stage(name="shapes-edit", trainable=("decoder", "gen_proj_in", "gen_proj_out",
                                                  "backbone.model.language_model"),
                   note="edit SFT with the LLM trainable (it must read the instruction against the source image)"),
@@ -350,11 +352,16 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
 
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
     sampling = SAMPLING_CANDIDATES[0]
+    if run.stage3_llm_lr:  # the LLM trains too, at its own rate, with questions in the mix
+        stage3, recs3 = SHAPES_STAGES["stage3_llm"], gen + und[: run.stage3_questions]
+        module_lr = {m: run.stage3_llm_lr for m in LLM_MODULES}
+    else:
+        stage3, recs3, module_lr = SHAPES_STAGES["stage3"], gen, None
     for name, schedule, steps, dpo_seed in (("stage3a", LOW_RES, run.stage3a_steps, 101),
                                             ("stage3c", FULL_RES, run.stage3c_steps, 303)):
         _set_schedule(model, schedule)
-        losses = _sft(model, processor, gen, SHAPES_STAGES["stage3"], steps, run, out, name, monitor="generation",
-                      sampling=sampling)
+        losses = _sft(model, processor, recs3, stage3, steps, run, out, name, monitor="generation",
+                      sampling=sampling, module_lr=module_lr)
         _log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
                   f"{_tail(losses):.3f}")
         sampling = _select_sampling(model, processor, run, out, name)

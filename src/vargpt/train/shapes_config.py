@@ -58,6 +58,12 @@ class ShapesRunConfig:
     stage2_steps: int = 4000
     stage3a_steps: int = 300
     stage3c_steps: int = 1600  # run 8: 1300 (its pre-DPO generation 0.349; run 11 with 1600: 0.379)
+    # the LLM's rate in stage 3a / 3c (None: the LLM stays frozen there, runs 1-12); set, the LLM trains with the
+    # decoder and the projectors, with the first ``stage3_questions`` understanding records in the mix. A probe from
+    # run 12's pre_dpo (1,000 more stage-3c steps) reached 0.56 on a generation slice with the LLM at 1e-4 and 3,000
+    # questions, against 0.51 with the LLM frozen and 0.455 before (EVAL.md "Probes after run 12")
+    stage3_llm_lr: float | None = None
+    stage3_questions: int = 3000
     dpo_steps: int = 40
     edit_steps: int = 200  # run 8: 600
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried, and the phase costs
@@ -121,6 +127,11 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.edit_lr={self.edit_lr}: expected None (= lr) or a positive rate")
         if self.llm_lr is not None and not self.llm_lr > 0:
             raise ValueError(f"ShapesRunConfig.llm_lr={self.llm_lr}: expected None (= lr) or a positive rate")
+        if self.stage3_llm_lr is not None and not self.stage3_llm_lr > 0:
+            raise ValueError(f"ShapesRunConfig.stage3_llm_lr={self.stage3_llm_lr}: expected None (the LLM frozen in "
+                             "stage 3) or a positive rate")
+        if self.stage3_questions < 0:
+            raise ValueError(f"ShapesRunConfig.stage3_questions={self.stage3_questions}: expected >= 0")
         self.curriculum()  # validates stage2_curriculum
         if self.weight_decay < 0:
             raise ValueError(f"ShapesRunConfig.weight_decay={self.weight_decay}: expected >= 0")
