@@ -238,6 +238,11 @@ def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: st
     return best
 
 
+def _llm_rate(stage: Stage, rate: float | None) -> dict[str, float] | None:
+    """``TrainConfig.module_lr`` giving the LLM modules ``stage`` trains the peak ``rate`` (None: none, or no rate)."""
+    return {m: rate for m in LLM_MODULES if m in stage.trainable} if rate else None
+
+
 def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConfig, out: Path, name: str,
          lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None,
          module_lr: dict[str, float] | None = None) -> list[float]:
@@ -345,23 +350,21 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         if not recs or not steps:  # e.g. n_single = 0: no warm-up
             _log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
             continue
-        # the LLM's own rate wherever the phase trains it (stage 1 does not)
-        module_lr = {m: run.llm_lr for m in LLM_MODULES if m in stage.trainable} if run.llm_lr else None
-        losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor, module_lr=module_lr)
+        losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor,
+                      module_lr=_llm_rate(stage, run.llm_lr))
         _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
 
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
     sampling = SAMPLING_CANDIDATES[0]
     if run.stage3_llm_lr:  # the LLM trains too, at its own rate, with questions in the mix
         stage3, recs3 = SHAPES_STAGES["stage3_llm"], gen + und[: run.stage3_questions]
-        module_lr = {m: run.stage3_llm_lr for m in LLM_MODULES}
     else:
-        stage3, recs3, module_lr = SHAPES_STAGES["stage3"], gen, None
+        stage3, recs3 = SHAPES_STAGES["stage3"], gen
     for name, schedule, steps, dpo_seed in (("stage3a", LOW_RES, run.stage3a_steps, 101),
                                             ("stage3c", FULL_RES, run.stage3c_steps, 303)):
         _set_schedule(model, schedule)
         losses = _sft(model, processor, recs3, stage3, steps, run, out, name, monitor="generation",
-                      sampling=sampling, module_lr=module_lr)
+                      sampling=sampling, module_lr=_llm_rate(stage3, run.stage3_llm_lr))
         _log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
                   f"{_tail(losses):.3f}")
         sampling = _select_sampling(model, processor, run, out, name)
