@@ -3,6 +3,7 @@ they should), a wrong oracle scoring 0."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from types import SimpleNamespace
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from vargpt.data.shapes import parse_edit, parse_gen_prompt, render, scene_for_prompt
-from vargpt.data.shapes.grammar import answer_question, apply_edit
+from vargpt.data.shapes.grammar import answer_question, apply_edit, caption
+from vargpt.data.shapes.world import Obj, Scene
 from vargpt.engine import Engine
-from vargpt.eval.shapes import editing_items, generation_items, run_suite, understanding_items
+from vargpt.eval.shapes import editing_items, generation_items, read_caption, run_suite, understanding_items
 from vargpt.processing.processor import Processor
 from vargpt.processing.tokenizer import char_tokenizer
 
@@ -77,6 +79,22 @@ def test_an_oracle_scores_one(oracle, suite, tmp_path) -> None:
     assert result.scores["overall"] == 1.0 and all(v == 1.0 for v in result.scores.values())
     assert (tmp_path / f"{suite}.json").is_file() and (tmp_path / f"{suite}_grid.png").is_file()
     assert "**overall**" in (tmp_path / f"{suite}.md").read_text()
+    rows = json.loads((tmp_path / f"{suite}.json").read_text())["items"]
+    if suite == "editing":  # what was read back is written for analysis: here the expected scene, caption for caption
+        assert all(r["read"] == r["expected"] == caption(it["target"]) and r["source"] == caption(it["scene"])
+                   for r, it in zip(rows, result.items, strict=True))
+    if suite == "generation":
+        assert all(r["read"] == caption(scene_for_prompt(random.Random(0), parse_gen_prompt(r["prompt"])))
+                   for r in rows)
+
+
+def test_read_caption_orders_like_the_caption_and_keeps_what_no_scene_can_hold() -> None:
+    scene = Scene((Obj("circle", "red", "small", "bottom right"), Obj("square", "blue", "large", "top")))
+    assert read_caption(scene.objects) == caption(scene)
+    assert caption(scene) == "a large blue square in the top, a small red circle in the bottom right"
+    two_in_a_cell = (Obj("circle", "red", "small", "top"), Obj("circle", "blue", "small", "top"))
+    assert read_caption(two_in_a_cell) == "a small blue circle in the top, a small red circle in the top"
+    assert read_caption(()) == ""
 
 
 def test_a_random_model_scores_near_zero_on_generation() -> None:

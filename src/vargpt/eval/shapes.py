@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vargpt.data.shapes import (
+    CELLS,
     EDIT_KINDS,
     GEN_CATEGORIES,
     QUESTION_KINDS,
@@ -37,7 +38,7 @@ from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams, TextParams
 
 __all__ = ["SUITES", "SuiteResult", "generation_items", "understanding_items", "editing_items", "run_suite",
-           "EVAL_SEED", "fit_canvas", "reads_back"]
+           "EVAL_SEED", "fit_canvas", "read_caption", "reads_back"]
 
 SUITES = ("understanding", "generation", "editing", "tokenizer")
 EVAL_SEED = 20261126  # the held-out scenes and prompts; training splits must use other seeds
@@ -139,8 +140,9 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
                                 assistant_prefix=GEN_REPLY.format(p=it["prompt"])) for it in chunk]
             imgs = engine.generate_images(encs, params, seeds=[it["seed"] for it in chunk])
             for it, img in zip(chunk, imgs, strict=True):
-                it["image"] = img.image
-                it["pass"] = check_gen(parse_gen_prompt(it["prompt"]), read_image(fit_canvas(img.image)))
+                objs = read_image(fit_canvas(img.image))
+                it["image"], it["read"] = img.image, read_caption(objs)
+                it["pass"] = check_gen(parse_gen_prompt(it["prompt"]), objs)
     elif suite == "understanding":
         tp = TextParams(max_new_tokens=96)
         for chunk in _batches(items, batch_size, "understanding"):
@@ -160,7 +162,8 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
             seeds = [params.seed + n * batch_size + i for i in range(len(chunk))]
             imgs = engine.generate_images(encs, params, seeds=seeds)
             for it, img in zip(chunk, imgs, strict=True):
-                it["image"] = img.image
+                it["image"], it["read"] = img.image, read_caption(read_image(fit_canvas(img.image)))
+                it["source"], it["expected"] = read_caption(it["scene"].objects), read_caption(it["target"].objects)
                 it["pass"] = reads_back(img.image, it["target"])
     scores, counts = _score(items)
     result = SuiteResult(suite, scores, counts, items,
@@ -206,6 +209,14 @@ def _tokenizer_suite(engine: Engine, *, limit: int | None, batch_size: int, out_
 def fit_canvas(img: Image.Image) -> Image.Image:
     """The scorer reads 64 x 64 images; larger generations are downsampled (nearest) to the canvas."""
     return img if img.size == (64, 64) else img.convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
+
+
+def read_caption(objects) -> str:
+    """The objects (e.g. what the scorer read back from an image) as "a {size} {color} {shape} in the {cell}"
+    parts in reading order, joined by ", " -- the canonical caption's form, also for object sets that are not a valid
+    scene (two objects in one cell); "" for none. Written into the suites' JSON items (``read``, ``expected``)."""
+    order = sorted(objects, key=lambda o: (CELLS.index(o.cell), o.key()))
+    return ", ".join(f"a {o.size} {o.color} {o.shape} in the {o.cell}" for o in order)
 
 
 def reads_back(img: Image.Image, scene) -> bool:
