@@ -173,11 +173,11 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
-    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-12)
-    # the True case also sets edit_lr, stage3_llm_lr and a stage-2 curriculum (llm_lr: the default, 3e-4), the False
-    # case edit_lr=None and llm_lr=None (one quick run per case covers these options)
-    options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_llm_lr=1e-4) if edit_llm
-               else dict(edit_lr=None, llm_lr=None))
+    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-13)
+    # the True case also sets edit_lr and a stage-2 curriculum (llm_lr and stage3_llm_lr: the defaults, 3e-4 and
+    # 1e-4), the False case edit_lr=None, llm_lr=None and stage3_llm_lr=None (one quick run per case covers these)
+    options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3")) if edit_llm
+               else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
@@ -203,8 +203,8 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     assert ShapesRunConfig().llm_lr == 3e-4 and peak_rates("stage1") == {lr}  # the shipped recipe (run 12)
     for phase in ("stage2_warmup", "stage2") + (("stage2_color",) if edit_llm else ()):
         assert peak_rates(phase) == ({lr, 3e-4} if edit_llm else {lr})
-    # ``stage3_llm_lr``: stage 3a / 3c train the LLM too, at that rate (the default: frozen there)
-    assert ShapesRunConfig().stage3_llm_lr is None
+    # ``stage3_llm_lr``: stage 3a / 3c train the LLM too, at that rate (None: frozen there, runs 1-12)
+    assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 2500  # run 13
     for phase in ("stage3a", "stage3c"):
         assert peak_rates(phase) == ({lr, 1e-4} if edit_llm else {lr})
     # ``stage2_curriculum``: its phases run in order between the warm-up and stage 2, each for its steps

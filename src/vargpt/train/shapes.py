@@ -13,7 +13,8 @@ the stages that officially start from pretrained parts also train those parts he
 3. stage 2 (mixed SFT): the LLM + lm_head, and -- from scratch -- the decoder and the projectors, on all three tasks
    (one task per batch where possible), after a warm-up on questions about one-object scenes (with
    ``vit_steps=0`` the ViT is not pre-trained and trains here too, as in runs 1-6);
-4. stage 3a: decoder + projectors, generation SFT at the lower resolution (32 px, 3 scales);
+4. stage 3a: decoder + projectors (and the LLM at ``stage3_llm_lr``, with questions in the mix, since run 13),
+   generation SFT at the lower resolution (32 px, 3 scales);
    stage 3b: DPO at 32 px (pairs sampled by the engine, ranked by the Shapes scorer), reference = 3a;
    stage 3c: generation SFT at the full resolution (64 px, 5 scales); stage 3d: DPO at 64 px, reference = 3c;
    before each DPO round the default sampling settings are chosen among ``SAMPLING_CANDIDATES`` on validation

@@ -57,12 +57,15 @@ class ShapesRunConfig:
     text_loss_reduction: str = "token"
     stage2_steps: int = 4000
     stage3a_steps: int = 300
-    stage3c_steps: int = 1600  # run 8: 1300 (its pre-DPO generation 0.349; run 11 with 1600: 0.379)
+    # run 8: 1300 (its pre-DPO generation 0.349); runs 11-12: 1600 (0.379, 0.448); run 13: 2500, with the LLM
+    # trainable (0.471)
+    stage3c_steps: int = 2500
     # the LLM's rate in stage 3a / 3c (None: the LLM stays frozen there, runs 1-12); set, the LLM trains with the
     # decoder and the projectors, with the first ``stage3_questions`` understanding records in the mix. A probe from
     # run 12's pre_dpo (1,000 more stage-3c steps) reached 0.56 on a generation slice with the LLM at 1e-4 and 3,000
-    # questions, against 0.51 with the LLM frozen and 0.455 before (EVAL.md "Probes after run 12")
-    stage3_llm_lr: float | None = None
+    # questions, against 0.51 with the LLM frozen and 0.455 before (EVAL.md "Probes after run 12"); run 13 (1e-4,
+    # 2,500 stage-3c steps): generation 0.429 -> 0.465 over run 12, understanding 0.889 -> 0.874
+    stage3_llm_lr: float | None = 1e-4
     stage3_questions: int = 3000
     dpo_steps: int = 40
     edit_steps: int = 200  # run 8: 600
