@@ -214,7 +214,8 @@ def fit_canvas(img: Image.Image) -> Image.Image:
 def read_caption(objects) -> str:
     """The objects (e.g. what the scorer read back from an image) as "a {size} {color} {shape} in the {cell}"
     parts in reading order, joined by ", " -- the canonical caption's form, also for object sets that are not a valid
-    scene (two objects in one cell); "" for none. Written into the suites' JSON items (``read``, ``expected``)."""
+    scene (two objects in one cell); "" for none. Written into the suites' JSON items (``read``; editing also
+    ``source`` and ``expected``)."""
     order = sorted(objects, key=lambda o: (CELLS.index(o.cell), o.key()))
     return ", ".join(f"a {o.size} {o.color} {o.shape} in the {o.cell}" for o in order)
 
