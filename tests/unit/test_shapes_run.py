@@ -176,8 +176,8 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-13)
     # the True case also sets edit_lr and a stage-2 curriculum (llm_lr and stage3_llm_lr: the defaults, 3e-4 and
     # 1e-4), the False case edit_lr=None, llm_lr=None and stage3_llm_lr=None (one quick run per case covers these)
-    options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3")) if edit_llm
-               else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None))
+    options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_editing=8,
+                    stage3_copies=5) if edit_llm else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
@@ -207,8 +207,11 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 2500  # run 13
     for phase in ("stage3a", "stage3c"):
         assert peak_rates(phase) == ({lr, 1e-4} if edit_llm else {lr})
-    # ``stage2_curriculum``: its phases run in order between the warm-up and stage 2, each for its steps
+    # stage 3's mix: questions with the LLM trainable; ``stage3_editing`` edits and ``stage3_copies`` copy records
     log = (tmp_path / "run" / "log.txt").read_text()
+    assert ("stage3: 141 records in the mix (64 generation, 64 questions, 8 edits, 5 copies)" if edit_llm else
+            "stage3: 64 records in the mix (64 generation, 0 questions, 0 edits, 0 copies)") in log
+    # ``stage2_curriculum``: its phases run in order between the warm-up and stage 2, each for its steps
     phases = [m.group(1) for m in re.finditer(r"\] (stage2\w*(?:\+\w+)*): (\d+) steps", log)]
     assert phases == (["stage2_warmup", "stage2_color", "stage2_exists+where", "stage2"] if edit_llm
                       else ["stage2_warmup", "stage2"])
@@ -317,3 +320,30 @@ def test_the_shapes_teacher_draws_a_passing_image_per_prompt() -> None:
                 assert np.array_equal(np.asarray(image), np.asarray(teacher(prompt)))
     canonical = read_image(shapes_teacher("canonical")("a triangle"))
     assert [(o.cell, o.size) for o in canonical] == [("center", "large")]
+
+
+def test_copy_records_show_the_source_and_ask_for_it_again(tmp_path) -> None:
+    """``copy_records``: one editing-task record per edit, whose generation target is the edit's source image, and
+    the collator makes the decoder's target from the source image."""
+    from PIL import Image
+
+    from vargpt.config import get_preset
+    from vargpt.data.collate import SFTCollator, crop_offsets, generation_target, resize_for_crop
+    from vargpt.data.records import load_records
+    from vargpt.data.shapes.tasks import build_split
+    from vargpt.train.shapes import COPY_INSTRUCTION, ShapesRunConfig, copy_records
+
+    assert ShapesRunConfig().stage3_editing == ShapesRunConfig().stage3_copies == 0  # off in the shipped recipe
+    with pytest.raises(ValueError, match="stage3_copies=-1"):
+        ShapesRunConfig(stage3_copies=-1)
+    split = build_split(tmp_path, seed=0, n_understanding=0, n_generation=0, n_editing=3)
+    edits = load_records(split.editing).records
+    copies = copy_records(edits)
+    assert [c.images for c in copies] == [(e.images[0], e.images[0]) for e in edits]
+    assert all(c.task == "editing" and c.messages[0].content == f"<image>{COPY_INSTRUCTION}" for c in copies)
+    assert [e.images[0] != e.images[1] for e in edits] == [True] * 3  # an edit's target is another image
+    cfg = get_preset("shapes")
+    batch = SFTCollator(cfg, shapes_processor(cfg), crop="center")(copies[:1])
+    source = resize_for_crop(Image.open(edits[0].images[0]).convert("RGB"), 64)  # the official resize-crop
+    top, left = crop_offsets(source.height, source.width, 64, "center")
+    assert torch.equal(batch["gen_pixel_values"][0], generation_target(source, 64, (top, left)))

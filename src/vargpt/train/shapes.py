@@ -49,7 +49,7 @@ from PIL import Image
 from vargpt.checkpoint import load_model, save_checkpoint
 from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
-from vargpt.data.records import load_records
+from vargpt.data.records import Message, SFTRecord, load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
 from vargpt.data.shapes.grammar import (
     parse_question,
@@ -72,8 +72,8 @@ from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
 __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "SHAPES_CHAT_TEMPLATE",
-           "batch_group", "question_kind", "shapes_corpus", "shapes_processor", "shapes_reward", "run_shapes",
-           "rerun_editing"]
+           "batch_group", "copy_records", "question_kind", "shapes_corpus", "shapes_processor", "shapes_reward",
+           "run_shapes", "rerun_editing"]
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
@@ -192,6 +192,18 @@ def shapes_teacher(layout: str) -> Callable[[str], Image.Image]:
         return render(scene_for_prompt(rng, parse_gen_prompt(prompt), layout))
 
     return teacher
+
+
+#: The copy task (``copy_records``): not in the Shapes grammar, a training-only aid for editing.
+COPY_INSTRUCTION, COPY_REPLY = "Draw this image again.", "Here is the image."
+
+
+def copy_records(edits: Iterable[SFTRecord]) -> list[SFTRecord]:
+    """One copy record per editing record: its source image shown with ``COPY_INSTRUCTION``, and the same image as
+    the answer's ``<image_gen>`` -- the decoder learns to redraw what the ViT shows the LLM, the part of every edit
+    that the instruction leaves unchanged (EVAL.md "Probes after run 13")."""
+    return [SFTRecord((Message("user", f"<image>{COPY_INSTRUCTION}"), Message("assistant", f"{COPY_REPLY}<image_gen>")),
+                      (r.images[0], r.images[0]), source=f"copy of {r.source}") for r in edits]
 
 
 def _log(out: Path, msg: str) -> None:
@@ -357,10 +369,13 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
 
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
     sampling = SAMPLING_CANDIDATES[0]
-    if run.stage3_llm_lr:  # the LLM trains too, at its own rate, with questions in the mix
-        stage3, recs3 = SHAPES_STAGES["stage3_llm"], gen + und[: run.stage3_questions]
-    else:
-        stage3, recs3 = SHAPES_STAGES["stage3"], gen
+    stage3 = SHAPES_STAGES["stage3_llm" if run.stage3_llm_lr else "stage3"]
+    # with the LLM trainable, questions join the mix; edits and copies of their sources if asked for
+    questions = und[: run.stage3_questions] if run.stage3_llm_lr else []
+    edits, copies = edi[: run.stage3_editing], copy_records(edi[: run.stage3_copies])
+    recs3 = gen + questions + edits + copies
+    _log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(questions)} questions, "
+              f"{len(edits)} edits, {len(copies)} copies)")
     for name, schedule, steps, dpo_seed in (("stage3a", LOW_RES, run.stage3a_steps, 101),
                                             ("stage3c", FULL_RES, run.stage3c_steps, 303)):
         _set_schedule(model, schedule)

@@ -67,6 +67,13 @@ class ShapesRunConfig:
     # 2,500 stage-3c steps): generation 0.429 -> 0.465 over run 12, understanding 0.889 -> 0.874
     stage3_llm_lr: float | None = 1e-4
     stage3_questions: int = 3000
+    # editing records in stage 3a / 3c's mix (the first ``stage3_editing`` of the split) and copy records made from
+    # the sources of the first ``stage3_copies`` (``copy_records``: "<image>Draw this image again." -> the source
+    # image); 0: none (runs 1-13, where the decoder sees edits only in stage 2's mix and the editing SFT). In probes
+    # from run 13's post_dpo, 1,000 edit-heavy steps took editing on 100 suite edits from 0 to 0.01, and to 0.03 with
+    # copy records in the mix (EVAL.md "Probes after run 13"); untested in a full run
+    stage3_editing: int = 0
+    stage3_copies: int = 0
     dpo_steps: int = 40
     edit_steps: int = 200  # run 8: 600
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried, and the phase costs
@@ -133,6 +140,9 @@ class ShapesRunConfig:
         if self.stage3_llm_lr is not None and not self.stage3_llm_lr > 0:
             raise ValueError(f"ShapesRunConfig.stage3_llm_lr={self.stage3_llm_lr}: expected None (the LLM frozen in "
                              "stage 3) or a positive rate")
+        for name in ("stage3_editing", "stage3_copies"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
         if self.stage3_questions < 0:
             raise ValueError(f"ShapesRunConfig.stage3_questions={self.stage3_questions}: expected >= 0")
         self.curriculum()  # validates stage2_curriculum
