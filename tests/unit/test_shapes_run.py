@@ -200,7 +200,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         return {g["initial_lr"] for g in opt["param_groups"]}
 
     lr = ShapesRunConfig.quick().lr
-    assert ShapesRunConfig().llm_lr == 3e-4 and peak_rates("stage1") == {lr}  # the shipped recipe (run 12)
+    assert ShapesRunConfig().llm_lr == 3e-4 and peak_rates("stage1") == {lr}  # the shipped recipe (runs 12-13)
     for phase in ("stage2_warmup", "stage2") + (("stage2_color",) if edit_llm else ()):
         assert peak_rates(phase) == ({lr, 3e-4} if edit_llm else {lr})
     # ``stage3_llm_lr``: stage 3a / 3c train the LLM too, at that rate (None: frozen there, runs 1-12)

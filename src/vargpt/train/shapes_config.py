@@ -1,5 +1,5 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 12); what
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 13); what
 each option did in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
@@ -71,17 +71,18 @@ class ShapesRunConfig:
     # the sources of the first ``stage3_copies`` (``copy_records``: "<image>Draw this image again." -> the source
     # image); 0: none (runs 1-13, where the decoder sees edits only in stage 2's mix and the editing SFT). In probes
     # from run 13's post_dpo, 1,000 edit-heavy steps took editing on 100 suite edits from 0 to 0.01, and to 0.03 with
-    # copy records in the mix (EVAL.md "Probes after run 13"); untested in a full run
+    # copy records in the mix; in stage 3's own mix with 3,000 of each, 0 (an expected object in 16 of 100 outputs,
+    # against 4) with generation held (EVAL.md "Probes after run 13"); untested in a full run
     stage3_editing: int = 0
     stage3_copies: int = 0
     dpo_steps: int = 40
     edit_steps: int = 200  # run 8: 600
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried, and the phase costs
     # generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079, from
-    # the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun) and -0.014 (run 12), within the suite's
-    # spread (EVAL.md)
+    # the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12) and -0.007 (run 13),
+    # within the suite's spread (EVAL.md)
     edit_lr: float | None = 1e-5
-    # False (runs 8-12): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
+    # False (runs 8-13): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
     # the LLM trains too, with questions in the mix (run 7)
     edit_llm: bool = False
@@ -92,7 +93,7 @@ class ShapesRunConfig:
     lr: float = 1e-3
     # the LLM's own peak rate in stage 2 (the warm-up, the curriculum phases and the mix; ``LLM_MODULES`` take it
     # through ``TrainConfig.module_lr``, the decoder, the projectors and an unfrozen ViT keep ``lr``); None: ``lr``
-    # (runs 1-11). The LLM trains in stage 2 only (stage 3 and the editing SFT freeze it by default). Run 12 (3e-4):
+    # (runs 1-11). Stage 3 trains the LLM at ``stage3_llm_lr``; the editing SFT freezes it by default. Run 12 (3e-4):
     # understanding 0.745 -> 0.889 and generation 0.372 -> 0.429 over run 11 (EVAL.md)
     llm_lr: float | None = 3e-4
     # AdamW weight decay of the SFT phases (tensors of >= 2 dimensions; 0: the shipped recipe). Run 8's LLM answers
