@@ -33,6 +33,7 @@ from vargpt.data.shapes import (
     sample_gen_prompt,
     sample_question,
 )
+from vargpt.data.shapes.grammar import object_phrase
 from vargpt.data.shapes.tasks import eval_scenes
 from vargpt.engine import Engine
 from vargpt.generation.params import ImageParams, TextParams
@@ -162,9 +163,10 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
             seeds = [params.seed + n * batch_size + i for i in range(len(chunk))]
             imgs = engine.generate_images(encs, params, seeds=seeds)
             for it, img in zip(chunk, imgs, strict=True):
-                it["image"], it["read"] = img.image, read_caption(read_image(fit_canvas(img.image)))
+                objs = read_image(fit_canvas(img.image))
+                it["image"], it["read"] = img.image, read_caption(objs)
                 it["source"], it["expected"] = read_caption(it["scene"].objects), read_caption(it["target"].objects)
-                it["pass"] = reads_back(img.image, it["target"])
+                it["pass"] = _is_scene(objs, it["target"])
     scores, counts = _score(items)
     result = SuiteResult(suite, scores, counts, items,
                          params=engine.resolve(params).to_dict() if suite != "understanding" else None)
@@ -216,13 +218,17 @@ def read_caption(objects) -> str:
     parts in reading order, joined by ", " -- the canonical caption's form, also for object sets that are not a valid
     scene (two objects in one cell); "" for none. Written into the suites' JSON items (``read``; editing also
     ``source`` and ``expected``)."""
-    order = sorted(objects, key=lambda o: (CELLS.index(o.cell), o.key()))
-    return ", ".join(f"a {o.size} {o.color} {o.shape} in the {o.cell}" for o in order)
+    return ", ".join(map(object_phrase, sorted(objects, key=lambda o: (CELLS.index(o.cell), o.key()))))
 
 
 def reads_back(img: Image.Image, scene) -> bool:
     """The image reads back (SHAPES.md rules) as exactly ``scene``: every object's colour, shape, size and cell."""
-    return frozenset(o.key() for o in read_image(fit_canvas(img))) == scene.key()
+    return _is_scene(read_image(fit_canvas(img)), scene)
+
+
+def _is_scene(objects, scene) -> bool:
+    """The objects read back are exactly ``scene``'s: every object's colour, shape, size and cell."""
+    return frozenset(o.key() for o in objects) == scene.key()
 
 
 def write_result(result: SuiteResult, out_dir: str | Path, grid_items: int = 32) -> None:

@@ -141,11 +141,9 @@ class ShapesRunConfig:
         if self.stage3_llm_lr is not None and not self.stage3_llm_lr > 0:
             raise ValueError(f"ShapesRunConfig.stage3_llm_lr={self.stage3_llm_lr}: expected None (the LLM frozen in "
                              "stage 3) or a positive rate")
-        for name in ("stage3_editing", "stage3_copies"):
+        for name in ("stage3_questions", "stage3_editing", "stage3_copies"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
-        if self.stage3_questions < 0:
-            raise ValueError(f"ShapesRunConfig.stage3_questions={self.stage3_questions}: expected >= 0")
         self.curriculum()  # validates stage2_curriculum
         if self.weight_decay < 0:
             raise ValueError(f"ShapesRunConfig.weight_decay={self.weight_decay}: expected >= 0")

@@ -17,7 +17,7 @@ __all__ = [
     "GEN_CATEGORIES", "MULTI_OBJECT_CATEGORIES", "RELATIONS", "LAYOUTS", "GenPrompt", "sample_gen_prompt",
     "parse_gen_prompt", "scene_for_prompt", "check_gen", "QUESTION_KINDS", "check_question_kinds", "sample_question",
     "parse_question", "answer_question", "check_answer",
-    "caption", "parse_caption", "EDIT_KINDS", "Edit", "sample_edit", "parse_edit", "apply_edit",
+    "caption", "object_phrase", "parse_caption", "EDIT_KINDS", "Edit", "sample_edit", "parse_edit", "apply_edit",
 ]
 
 GEN_CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution", "size",
@@ -220,9 +220,14 @@ def check_question_kinds(kinds, where: str) -> tuple[str, ...]:
     return kinds
 
 
+def object_phrase(obj) -> str:
+    """One object of a caption: "a {size} {color} {shape} in the {cell}" (an ``Obj`` or a scorer's ``ReadObj``)."""
+    return f"a {obj.size} {obj.color} {obj.shape} in the {obj.cell}"
+
+
 def caption(scene: Scene) -> str:
-    """Canonical caption: objects in reading order, "a {size} {color} {shape} in the {cell}", joined by ", "."""
-    return ", ".join(f"a {o.size} {o.color} {o.shape} in the {o.cell}" for o in scene.reading_order())
+    """Canonical caption: objects in reading order, ``object_phrase`` each, joined by ", "."""
+    return ", ".join(map(object_phrase, scene.reading_order()))
 
 
 def parse_caption(text: str) -> frozenset | None:
