@@ -177,7 +177,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     # the True case also sets edit_lr and a stage-2 curriculum (llm_lr and stage3_llm_lr: the defaults, 3e-4 and
     # 1e-4), the False case edit_lr=None, llm_lr=None and stage3_llm_lr=None (one quick run per case covers these)
     options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_editing=8,
-                    stage3_copies=5) if edit_llm else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None))
+                    stage3_copies=5, stage3c_frozen_steps=2) if edit_llm else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
@@ -207,6 +207,14 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 2500  # run 13
     for phase in ("stage3a", "stage3c"):
         assert peak_rates(phase) == ({lr, 1e-4} if edit_llm else {lr})
+    # ``stage3c_frozen_steps``: a stage-3c phase of the decoder and the projectors alone before it, own schedule
+    assert ShapesRunConfig().stage3c_frozen_steps == 0
+    if edit_llm:
+        assert peak_rates("stage3c_frozen") == {lr}
+        frozen = [json.loads(line) for line in (tmp_path / "run" / "stage3c_frozen" / "log.jsonl").open()]
+        assert max(r["step"] for r in frozen) == 2
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert ("stage3c_frozen (first-5): 2 steps" in log) == edit_llm
     # stage 3's mix: questions with the LLM trainable; ``stage3_editing`` edits and ``stage3_copies`` copy records
     log = (tmp_path / "run" / "log.txt").read_text()
     assert ("stage3: 141 records in the mix (64 generation, 64 questions, 8 edits, 5 copies)" if edit_llm else

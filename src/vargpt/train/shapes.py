@@ -379,6 +379,11 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     for name, schedule, steps, dpo_seed in (("stage3a", LOW_RES, run.stage3a_steps, 101),
                                             ("stage3c", FULL_RES, run.stage3c_steps, 303)):
         _set_schedule(model, schedule)
+        if name == "stage3c" and run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
+            losses = _sft(model, processor, gen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
+                          "stage3c_frozen", monitor="generation", sampling=sampling)
+            _log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} -> "
+                      f"{_tail(losses):.3f}")
         losses = _sft(model, processor, recs3, stage3, steps, run, out, name, monitor="generation",
                       sampling=sampling, module_lr=_llm_rate(stage3, run.stage3_llm_lr))
         _log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "

@@ -67,6 +67,11 @@ class ShapesRunConfig:
     # 2,500 stage-3c steps): generation 0.429 -> 0.465 over run 12, understanding 0.889 -> 0.874
     stage3_llm_lr: float | None = 1e-4
     stage3_questions: int = 3000
+    # steps of a stage-3c phase before ``stage3c_steps`` that trains the decoder and the projectors alone, on the
+    # generation records, with its own warm-up and cosine; the LLM-trainable steps then start a fresh schedule
+    # (0: none, runs 1-13). Probe B after run 12 took this path (1,600 frozen steps, then 1,000 with the LLM) and
+    # reached 0.56 on its generation slice, where run 13's one schedule of 2,500 reached 0.47 (EVAL.md)
+    stage3c_frozen_steps: int = 0
     # editing records in stage 3a / 3c's mix (the first ``stage3_editing`` of the split) and copy records made from
     # the sources of the first ``stage3_copies`` (``copy_records``: "<image>Draw this image again." -> the source
     # image); 0: none (runs 1-13, where the decoder sees edits only in stage 2's mix and the editing SFT). In probes
@@ -141,7 +146,7 @@ class ShapesRunConfig:
         if self.stage3_llm_lr is not None and not self.stage3_llm_lr > 0:
             raise ValueError(f"ShapesRunConfig.stage3_llm_lr={self.stage3_llm_lr}: expected None (the LLM frozen in "
                              "stage 3) or a positive rate")
-        for name in ("stage3_questions", "stage3_editing", "stage3_copies"):
+        for name in ("stage3_questions", "stage3c_frozen_steps", "stage3_editing", "stage3_copies"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
         self.curriculum()  # validates stage2_curriculum
