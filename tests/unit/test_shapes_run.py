@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -177,7 +178,8 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     # the True case also sets edit_lr and a stage-2 curriculum (llm_lr and stage3_llm_lr: the defaults, 3e-4 and
     # 1e-4), the False case edit_lr=None, llm_lr=None and stage3_llm_lr=None (one quick run per case covers these)
     options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_editing=8,
-                    stage3_copies=5, stage3c_frozen_steps=2) if edit_llm else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None))
+                    stage3_copies=5, stage3c_frozen_steps=2) if edit_llm
+               else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
@@ -239,6 +241,29 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         assert 0 < max(lrs) <= 1e-4
         assert "done in" in (tmp_path / "rerun0" / "log.txt").read_text()
         assert (finals[0] / "image_generation_config.json").is_file()
+        # from pre_dpo with the run's own settings, the stage-3d DPO round reproduces the run's post_dpo up to float
+        # round-off (measured: 4e-9 at most, where the round moves weights by 1e-5; with the SFT phases' bf16 autocast
+        # left on the model, as before ``train`` unwrapped it, the in-run policy ran in bf16 against an fp32 reference)
+        own = dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options)
+        rerun_editing(tmp_path / "run", tmp_path / "rerun3d", own, start="pre_dpo")
+        assert "stage3d: 2 DPO steps" in (tmp_path / "rerun3d" / "log.txt").read_text()
+        c = load_model(tmp_path / "rerun3d" / "post_dpo").state_dict()
+        pre = load_model(tmp_path / "run" / "pre_dpo").state_dict()
+        assert max((before[k] - pre[k]).abs().max() for k in pre) > 1e-6  # the round moved the weights
+        for k in before:
+            torch.testing.assert_close(c[k], before[k], rtol=0, atol=1e-7)
+        first = json.loads((tmp_path / "run" / "stage3d" / "log.jsonl").open().readline())
+        assert first["lr"] == 0 and first["loss"] == pytest.approx(math.log(2), abs=1e-7)  # policy == reference
+        with pytest.raises(ValueError, match="start='final'"):
+            rerun_editing(tmp_path / "run", tmp_path / "bad", own, start="final")
+        # ``dpo_bsc``: the DPO passes' flip rate (None: the model config's 0.3); clean teacher forcing moves elsewhere
+        assert ShapesRunConfig().dpo_bsc is None and load_model(final).config.bsc_max_strength == 0.3
+        rerun_editing(tmp_path / "run", tmp_path / "rerun3d0", dataclasses.replace(own, dpo_bsc=0.0),
+                      start="pre_dpo")
+        d = load_model(tmp_path / "rerun3d0" / "post_dpo").state_dict()
+        assert any(not torch.equal(c[k], d[k]) for k in c if k.startswith("decoder."))
+        with pytest.raises(ValueError, match=r"dpo_bsc=0.5: expected None .* in \[0, 0.5\)"):
+            ShapesRunConfig(dpo_bsc=0.5)
 
 
 def test_stage2_curriculum_items_are_checked_and_select_their_question_kinds(tmp_path) -> None:

@@ -343,6 +343,13 @@ def test_bf16_autocast_through_accelerate(tmp_path):
 
     train(build_mlp(), mlp_dataset(), mlp_collate, _config(tmp_path, "fp32", max_steps=1), step_fn=fp32_step)
     assert fp32_seen == [False, False]
+    # the bf16 run leaves the model as it found it: a later call of its forward, or an fp32 run on it, is fp32
+    inside = []
+    child = next(m for m in model.modules() if not list(m.children()))
+    child.register_forward_pre_hook(lambda *_: inside.append(torch.is_autocast_enabled("cpu")))
+    model(**mlp_collate([mlp_dataset()[0]]))
+    train(model, mlp_dataset(), mlp_collate, _config(tmp_path, "fp32b", max_steps=1))
+    assert inside and not any(inside)
 
 
 def test_nothing_to_train_and_non_finite_loss_are_errors(tmp_path):

@@ -395,6 +395,10 @@ def train(
                 break
     finally:
         bar.close()
+        # accelerate's mixed precision wraps the model's own ``forward`` in autocast (on the caller's object, not only
+        # on a DDP wrapper); without this, every later use of the model -- sampling, an fp32 phase such as DPO, whose
+        # fresh fp32 reference would then differ from the policy at step 0 -- would still run in bf16
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
     if last_saved != state.step:
         result.checkpoint = _save(ckpt_root, accelerator, model, optimizer, scheduler, config, state)

@@ -19,7 +19,9 @@ the stages that officially start from pretrained parts also train those parts he
    stage 3c: generation SFT at the full resolution (64 px, 5 scales); stage 3d: DPO at 64 px, reference = 3c;
    before each DPO round the default sampling settings are chosen among ``SAMPLING_CANDIDATES`` on validation
    prompts (``VALIDATION_SEED``, never the suite's); DPO samples its pairs with them and the checkpoints ship them
-   (``image_generation_config.json``);
+   (``image_generation_config.json``); ``DPOStep`` sets the policy's drop-path and dropout rates to 0
+   (``disable_dropout``) and they stay 0, so stage 3c and the editing SFT train without them (every run so far);
+   with ``stage3c_frozen_steps`` stage 3c begins with that many steps of the decoder and the projectors alone;
 5. editing SFT: decoder + projectors (``edit_llm=True``: the LLM too, with questions in the mix, as in run 7; its
    own learning rate with ``edit_lr``, run 9); then the final checkpoint's sampling defaults are chosen again the
    same way.
@@ -77,6 +79,8 @@ __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATIO
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
+#: The seed of each DPO round (its prompts and its candidates' sampling seeds derive from it).
+DPO_ROUND_SEEDS = {"stage3b": 101, "stage3d": 303}
 #: Seed of the validation prompts the sampling defaults are chosen on (the generation suite uses ``EVAL_SEED``).
 VALIDATION_SEED = EVAL_SEED + 777
 #: Default sampling settings tried before each DPO round and after the editing SFT (first = the official ones; ties
@@ -291,7 +295,8 @@ def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_see
     reference.load_state_dict(model.state_dict())
     reference.eval().requires_grad_(False)
     apply_stage(model, STAGES["dpo"])
-    step = DPOStep(reference, beta=run.dpo_beta, sft_weight=run.dpo_sft_weight, seed=run.seed)
+    step = DPOStep(reference, beta=run.dpo_beta, sft_weight=run.dpo_sft_weight, seed=run.seed,
+                   bsc_max_strength=run.dpo_bsc)
     collate = DPOCollator(model.config, processor, crop="center")
     cfg = TrainConfig(lr=run.dpo_lr, max_steps=run.dpo_steps, batch_size=max(1, run.batch_size // 4),
                       warmup_ratio=0.1, seed=run.seed, out_dir=str(out / name), log_every=1)
@@ -376,8 +381,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     recs3 = gen + questions + edits + copies
     _log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(questions)} questions, "
               f"{len(edits)} edits, {len(copies)} copies)")
-    for name, schedule, steps, dpo_seed in (("stage3a", LOW_RES, run.stage3a_steps, 101),
-                                            ("stage3c", FULL_RES, run.stage3c_steps, 303)):
+    for name, schedule, steps in (("stage3a", LOW_RES, run.stage3a_steps), ("stage3c", FULL_RES, run.stage3c_steps)):
         _set_schedule(model, schedule)
         if name == "stage3c" and run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
             losses = _sft(model, processor, gen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
@@ -392,7 +396,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         dpo_name = {"stage3a": "stage3b", "stage3c": "stage3d"}[name]
         if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
             _save(model, processor, out / "pre_dpo", sampling)
-        losses = _dpo(model, processor, run, out, dpo_name, dpo_seed, sampling)
+        losses = _dpo(model, processor, run, out, dpo_name, DPO_ROUND_SEEDS[dpo_name], sampling)
         if losses:
             _log(out, f"{dpo_name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         if name == "stage3c":  # ... and the one right after DPO (DPO gain = post_dpo - pre_dpo, same settings)
@@ -420,27 +424,40 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
     return _save(model, processor, out / "final", sampling)
 
 
-def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
-    """The editing SFT and the final sampling choice of ``run`` again, from ``run_dir/post_dpo`` and the training
-    split in ``run_dir/data`` of a finished ``run_shapes`` -> ``out_dir/final`` (log in ``out_dir/log.txt``).
+def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig | None = None,
+                  start: str = "post_dpo") -> Path:
+    """The last steps of ``run`` again from a finished ``run_shapes`` in ``run_dir`` (its training split in
+    ``run_dir/data``) -> ``out_dir/final`` (log in ``out_dir/log.txt``): from ``start="post_dpo"`` the editing SFT and
+    the final sampling choice; from ``start="pre_dpo"`` the stage-3d DPO round first (with ``run``'s DPO settings and
+    the sampling defaults ``pre_dpo`` holds; its result is written to ``out_dir/post_dpo``).
 
-    Everything before these steps is the run's own, so this equals ``run_shapes`` with ``run``'s editing settings
-    but for the random stream of the editing SFT's bit flips and condition dropout (the global torch RNG, seeded
-    with ``run.seed`` right before the SFT rather than carried on from the phases before). Run 11's shipped
-    checkpoint was made this way (EVAL.md); run 12 ran the whole recipe in one go."""
+    Everything before these steps is the run's own, so this equals ``run_shapes`` with ``run``'s settings for them
+    but for the random streams the phases share through the global torch RNG (the editing SFT's bit flips and
+    condition dropout: seeded with ``run.seed`` right before the first rerun step rather than carried on from the
+    phases before). Run 11's shipped checkpoint was made this way (EVAL.md); runs 12-13 ran the whole recipe in one
+    go."""
+    if start not in ("post_dpo", "pre_dpo"):
+        raise ValueError(f"start={start!r}: expected 'post_dpo' or 'pre_dpo'")
     run = run or ShapesRunConfig()
     run_dir, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
-    source = run_dir / "post_dpo"
+    source = run_dir / start
     model = load_model(source, dtype=torch.float32, device=run.device)
     processor = Processor.from_dir(source, model.config)
+    sampling = load_sampling_defaults(source)
     records = {name: load_records(run_dir / "data" / f"{name}.jsonl").records
                for name in ("understanding", "generation", "editing")}
     torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
+    if start == "pre_dpo":
+        _set_schedule(model, FULL_RES)
+        losses = _dpo(model, processor, run, out, "stage3d", DPO_ROUND_SEEDS["stage3d"], sampling)
+        if losses:
+            _log(out, f"stage3d: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        _save(model, processor, out / "post_dpo", sampling)
     final = _finish(model, processor, records["generation"], records["editing"], records["understanding"], run, out,
-                    load_sampling_defaults(source))
+                    sampling)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
     return final
 

@@ -108,6 +108,11 @@ class ShapesRunConfig:
     weight_decay: float = 0.0
     dpo_lr: float = 1e-5
     dpo_beta: float = 0.1
+    # the bitwise self-correction of the DPO passes (``DPOStep(bsc_max_strength=...)``): None: the model config's
+    # (0.3, runs 1-14: the teacher-forced labels are the residual bits against a running sum with up to 30 % of its
+    # bits flipped, not the tokens of the sampled image); 0: clean teacher forcing, the likelihood of the pair as
+    # sampled (re-encoded)
+    dpo_bsc: float | None = None
     dpo_sft_weight: float = 0.0  # the SFT term on the chosen images (``DPOStep(sft_weight=...)``, official pref_ftx)
     # True: each DPO prompt also gets the rendered scene of the prompt (``shapes_teacher``) as a candidate, the
     # Shapes stand-in for the stronger generator behind the official chosen images; False: the policy's samples only
@@ -150,6 +155,9 @@ class ShapesRunConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
         self.curriculum()  # validates stage2_curriculum
+        if self.dpo_bsc is not None and not 0 <= self.dpo_bsc < 0.5:
+            raise ValueError(f"ShapesRunConfig.dpo_bsc={self.dpo_bsc}: expected None (the model config's) or a flip "
+                             "rate in [0, 0.5)")
         if self.weight_decay < 0:
             raise ValueError(f"ShapesRunConfig.weight_decay={self.weight_decay}: expected >= 0")
         if self.text_loss_reduction not in ("token", "sample"):
