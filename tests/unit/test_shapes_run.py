@@ -174,12 +174,13 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
-    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-13)
-    # the True case also sets edit_lr and a stage-2 curriculum (llm_lr and stage3_llm_lr: the defaults, 3e-4 and
-    # 1e-4), the False case edit_lr=None, llm_lr=None and stage3_llm_lr=None (one quick run per case covers these)
+    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-14)
+    # the True case also sets edit_lr and a stage-2 curriculum (llm_lr, stage3_llm_lr, dpo_bsc: the defaults, 3e-4,
+    # 1e-4 and 0; quick()'s 2 stage3c_frozen_steps), the False case edit_lr=None, llm_lr=None, stage3_llm_lr=None,
+    # stage3c_frozen_steps=0 and dpo_bsc=None (one quick run per case covers these)
     options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_editing=8,
-                    stage3_copies=5, stage3c_frozen_steps=2) if edit_llm
-               else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None))
+                    stage3_copies=5) if edit_llm
+               else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None, stage3c_frozen_steps=0, dpo_bsc=None))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
@@ -202,15 +203,15 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         return {g["initial_lr"] for g in opt["param_groups"]}
 
     lr = ShapesRunConfig.quick().lr
-    assert ShapesRunConfig().llm_lr == 3e-4 and peak_rates("stage1") == {lr}  # the shipped recipe (runs 12-13)
+    assert ShapesRunConfig().llm_lr == 3e-4 and peak_rates("stage1") == {lr}  # the shipped recipe (runs 12-14)
     for phase in ("stage2_warmup", "stage2") + (("stage2_color",) if edit_llm else ()):
         assert peak_rates(phase) == ({lr, 3e-4} if edit_llm else {lr})
     # ``stage3_llm_lr``: stage 3a / 3c train the LLM too, at that rate (None: frozen there, runs 1-12)
-    assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 2500  # run 13
+    assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 1200  # runs 13-14
     for phase in ("stage3a", "stage3c"):
         assert peak_rates(phase) == ({lr, 1e-4} if edit_llm else {lr})
     # ``stage3c_frozen_steps``: a stage-3c phase of the decoder and the projectors alone before it, own schedule
-    assert ShapesRunConfig().stage3c_frozen_steps == 0
+    assert ShapesRunConfig().stage3c_frozen_steps == 1600  # run 14
     if edit_llm:
         assert peak_rates("stage3c_frozen") == {lr}
         frozen = [json.loads(line) for line in (tmp_path / "run" / "stage3c_frozen" / "log.jsonl").open()]
@@ -256,8 +257,10 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         assert first["lr"] == 0 and first["loss"] == pytest.approx(math.log(2), abs=1e-7)  # policy == reference
         with pytest.raises(ValueError, match="start='final'"):
             rerun_editing(tmp_path / "run", tmp_path / "bad", own, start="final")
-        # ``dpo_bsc``: the DPO passes' flip rate (None: the model config's 0.3); clean teacher forcing moves elsewhere
-        assert ShapesRunConfig().dpo_bsc is None and load_model(final).config.bsc_max_strength == 0.3
+        # ``dpo_bsc``: the DPO passes' flip rate (None: the model config's 0.3, here); clean teacher forcing moves
+        # elsewhere
+        assert ShapesRunConfig().dpo_bsc == 0.0 and load_model(final).config.bsc_max_strength == 0.3
+        assert (ShapesRunConfig().dpo_prompts, ShapesRunConfig().dpo_steps) == (480, 120)  # run 14's stage-3d rerun
         rerun_editing(tmp_path / "run", tmp_path / "rerun3d0", dataclasses.replace(own, dpo_bsc=0.0),
                       start="pre_dpo")
         d = load_model(tmp_path / "rerun3d0" / "post_dpo").state_dict()

@@ -1,6 +1,7 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 13); what
-each option did in the runs that tried it is in EVAL.md."""
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 14, with
+its stage-3d DPO round rerun at ``dpo_bsc=0``, 480 prompts and 120 steps); what each option did in the runs that tried
+it is in EVAL.md."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ class ShapesRunConfig:
     stage2_steps: int = 4000
     stage3a_steps: int = 300
     # run 8: 1300 (its pre-DPO generation 0.349); runs 11-12: 1600 (0.379, 0.448); run 13: 2500, with the LLM
-    # trainable (0.471)
-    stage3c_steps: int = 2500
+    # trainable (0.471); run 14: 1200 with the LLM, after ``stage3c_frozen_steps`` = 1600 without it (0.569)
+    stage3c_steps: int = 1200
     # the LLM's rate in stage 3a / 3c (None: the LLM stays frozen there, runs 1-12); set, the LLM trains with the
     # decoder and the projectors, with the first ``stage3_questions`` understanding records in the mix. A probe from
     # run 12's pre_dpo (1,000 more stage-3c steps) reached 0.56 on a generation slice with the LLM at 1e-4 and 3,000
@@ -70,8 +71,9 @@ class ShapesRunConfig:
     # steps of a stage-3c phase before ``stage3c_steps`` that trains the decoder and the projectors alone, on the
     # generation records, with its own warm-up and cosine; the LLM-trainable steps then start a fresh schedule
     # (0: none, runs 1-13). Probe B after run 12 took this path (1,600 frozen steps, then 1,000 with the LLM) and
-    # reached 0.56 on its generation slice, where run 13's one schedule of 2,500 reached 0.47 (EVAL.md)
-    stage3c_frozen_steps: int = 0
+    # reached 0.56 on its generation slice, where run 13's one schedule of 2,500 reached 0.47; run 14 (1,600 + 1,200):
+    # pre-DPO generation 0.471 -> 0.569 over run 13, understanding held (EVAL.md)
+    stage3c_frozen_steps: int = 1600
     # editing records in stage 3a / 3c's mix (the first ``stage3_editing`` of the split) and copy records made from
     # the sources of the first ``stage3_copies`` (``copy_records``: "<image>Draw this image again." -> the source
     # image); 0: none (runs 1-13, where the decoder sees edits only in stage 2's mix and the editing SFT). In probes
@@ -80,14 +82,14 @@ class ShapesRunConfig:
     # against 4) with generation held (EVAL.md "Probes after run 13"); untested in a full run
     stage3_editing: int = 0
     stage3_copies: int = 0
-    dpo_steps: int = 40
+    dpo_steps: int = 120  # runs 1-14 (in-run): 40
     edit_steps: int = 200  # run 8: 600
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried, and the phase costs
     # generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079, from
-    # the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12) and -0.007 (run 13),
-    # within the suite's spread (EVAL.md)
+    # the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
+    # -0.006 (run 14), within the suite's spread (EVAL.md)
     edit_lr: float | None = 1e-5
-    # False (runs 8-13): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
+    # False (runs 8-14): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
     # the LLM trains too, with questions in the mix (run 7)
     edit_llm: bool = False
@@ -111,13 +113,14 @@ class ShapesRunConfig:
     # the bitwise self-correction of the DPO passes (``DPOStep(bsc_max_strength=...)``): None: the model config's
     # (0.3, runs 1-14: the teacher-forced labels are the residual bits against a running sum with up to 30 % of its
     # bits flipped, not the tokens of the sampled image); 0: clean teacher forcing, the likelihood of the pair as
-    # sampled (re-encoded)
-    dpo_bsc: float | None = None
+    # sampled (re-encoded). From run 14's pre_dpo, on 800 suite prompts: 0.3 -0.032, 0 -0.006 (160 prompts, 40
+    # steps), 0 with 480 prompts and 120 steps +0.023; the full suite +0.005 (EVAL.md run 14)
+    dpo_bsc: float | None = 0.0
     dpo_sft_weight: float = 0.0  # the SFT term on the chosen images (``DPOStep(sft_weight=...)``, official pref_ftx)
     # True: each DPO prompt also gets the rendered scene of the prompt (``shapes_teacher``) as a candidate, the
     # Shapes stand-in for the stronger generator behind the official chosen images; False: the policy's samples only
     dpo_teacher: bool = False
-    dpo_prompts: int = 160
+    dpo_prompts: int = 480  # runs 1-14 (in-run): 160
     dpo_candidates: int = 4
     prompt_drop_rate: float = 0.1
     mixed_precision: str = "bf16"  # the SFT phases (1.4x faster on this CPU than fp32; DPO runs in fp32)
@@ -189,4 +192,5 @@ class ShapesRunConfig:
         return cls(n_understanding=64, n_single=16, n_generation=64, n_editing=32, stage2_generation=32,
                    stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
+                   stage3c_frozen_steps=2,
                    dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)
