@@ -219,7 +219,6 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     log = (tmp_path / "run" / "log.txt").read_text()
     assert ("stage3c_frozen (first-5): 2 steps" in log) == edit_llm
     # stage 3's mix: questions with the LLM trainable; ``stage3_editing`` edits and ``stage3_copies`` copy records
-    log = (tmp_path / "run" / "log.txt").read_text()
     assert ("stage3: 141 records in the mix (64 generation, 64 questions, 8 edits, 5 copies)" if edit_llm else
             "stage3: 64 records in the mix (64 generation, 0 questions, 0 edits, 0 copies)") in log
     # ``stage2_curriculum``: its phases run in order between the warm-up and stage 2, each for its steps
