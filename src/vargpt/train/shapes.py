@@ -301,7 +301,10 @@ def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_see
     cfg = TrainConfig(lr=run.dpo_lr, max_steps=run.dpo_steps, batch_size=max(1, run.batch_size // 4),
                       warmup_ratio=0.1, seed=run.seed, out_dir=str(out / name), log_every=1)
     _log(out, f"{name}: {len(records)} preference pairs from {len(prompts)} prompts")
-    return train(model.train(), records, collate, cfg, step_fn=step).losses
+    losses = train(model.train(), records, collate, cfg, step_fn=step).losses
+    if losses:
+        _log(out, f"{name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return losses
 
 
 def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
@@ -396,9 +399,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         dpo_name = {"stage3a": "stage3b", "stage3c": "stage3d"}[name]
         if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
             _save(model, processor, out / "pre_dpo", sampling)
-        losses = _dpo(model, processor, run, out, dpo_name, DPO_ROUND_SEEDS[dpo_name], sampling)
-        if losses:
-            _log(out, f"{dpo_name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        _dpo(model, processor, run, out, dpo_name, DPO_ROUND_SEEDS[dpo_name], sampling)
         if name == "stage3c":  # ... and the one right after DPO (DPO gain = post_dpo - pre_dpo, same settings)
             _save(model, processor, out / "post_dpo", sampling)
 
@@ -450,11 +451,8 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     records = {name: load_records(run_dir / "data" / f"{name}.jsonl").records
                for name in ("understanding", "generation", "editing")}
     torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
-    if start == "pre_dpo":
-        _set_schedule(model, FULL_RES)
-        losses = _dpo(model, processor, run, out, "stage3d", DPO_ROUND_SEEDS["stage3d"], sampling)
-        if losses:
-            _log(out, f"stage3d: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if start == "pre_dpo":  # (pre_dpo's config holds the full-resolution schedule)
+        _dpo(model, processor, run, out, "stage3d", DPO_ROUND_SEEDS["stage3d"], sampling)
         _save(model, processor, out / "post_dpo", sampling)
     final = _finish(model, processor, records["generation"], records["editing"], records["understanding"], run, out,
                     sampling)
