@@ -129,7 +129,7 @@ def test_sampling_choice_keeps_the_earlier_candidate_on_a_float_tie(tmp_path, mo
 
     import vargpt.train.shapes as shapes
 
-    overall = iter([0.055, 0.03, 0.0, 0.055 + 1e-15])
+    overall = iter([0.055, 0.03, 0.0, 0.055 + 1e-15] + [0.04] * (len(SAMPLING_CANDIDATES) - 4))
     monkeypatch.setattr(shapes, "Engine", lambda model, processor, sampling: sampling)
     monkeypatch.setattr(shapes, "run_suite", lambda engine, suite, items: types.SimpleNamespace(
         scores={"overall": next(overall)}))

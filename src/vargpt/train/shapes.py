@@ -90,6 +90,7 @@ SAMPLING_CANDIDATES = (
     ImageParams(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=0.0),
     ImageParams(cfg_scale=6.0, temperature=1.0, top_k=0, top_p=0.0),
     ImageParams(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=0.0),
+    ImageParams(cfg_scale=1.0, temperature=0.5, top_k=0, top_p=0.0),  # no guidance: one pass, about 1.5x faster
 )
 
 SHAPES_STAGES: dict[str, Stage] = {
