@@ -1,7 +1,7 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 14, with
-its stage-3d DPO round rerun at ``dpo_bsc=0``, 480 prompts and 120 steps); what each option did in the runs that tried
-it is in EVAL.md."""
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 15, in one
+go: ``vargpt train shapes --set vae_steps=3800`` with the other defaults as they are now); what each option did in the
+runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
