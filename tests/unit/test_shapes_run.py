@@ -174,7 +174,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
-    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-14)
+    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-15)
     # the True case also sets edit_lr and a stage-2 curriculum (llm_lr, stage3_llm_lr, dpo_bsc: the defaults, 3e-4,
     # 1e-4 and 0; quick()'s 2 stage3c_frozen_steps), the False case edit_lr=None, llm_lr=None, stage3_llm_lr=None,
     # stage3c_frozen_steps=0 and dpo_bsc=None (one quick run per case covers these)
@@ -203,15 +203,15 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         return {g["initial_lr"] for g in opt["param_groups"]}
 
     lr = ShapesRunConfig.quick().lr
-    assert ShapesRunConfig().llm_lr == 3e-4 and peak_rates("stage1") == {lr}  # the shipped recipe (runs 12-14)
+    assert ShapesRunConfig().llm_lr == 3e-4 and peak_rates("stage1") == {lr}  # the shipped recipe (runs 12-15)
     for phase in ("stage2_warmup", "stage2") + (("stage2_color",) if edit_llm else ()):
         assert peak_rates(phase) == ({lr, 3e-4} if edit_llm else {lr})
     # ``stage3_llm_lr``: stage 3a / 3c train the LLM too, at that rate (None: frozen there, runs 1-12)
-    assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 1200  # runs 13-14
+    assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 1200  # runs 14-15
     for phase in ("stage3a", "stage3c"):
         assert peak_rates(phase) == ({lr, 1e-4} if edit_llm else {lr})
     # ``stage3c_frozen_steps``: a stage-3c phase of the decoder and the projectors alone before it, own schedule
-    assert ShapesRunConfig().stage3c_frozen_steps == 1600  # run 14
+    assert ShapesRunConfig().stage3c_frozen_steps == 1600  # runs 14-15
     if edit_llm:
         assert peak_rates("stage3c_frozen") == {lr}
         frozen = [json.loads(line) for line in (tmp_path / "run" / "stage3c_frozen" / "log.jsonl").open()]

@@ -437,7 +437,7 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     but for the random streams the phases share through the global torch RNG (the editing SFT's bit flips and
     condition dropout: seeded with ``run.seed`` right before the first rerun step rather than carried on from the
     phases before). The shipped checkpoints of run 11 (from post_dpo) and run 14 (from pre_dpo) were made this way
-    (EVAL.md); runs 12-13 ran the whole recipe in one go."""
+    (EVAL.md); runs 12-13 and 15 ran the whole recipe in one go."""
     if start not in ("post_dpo", "pre_dpo"):
         raise ValueError(f"start={start!r}: expected 'post_dpo' or 'pre_dpo'")
     run = run or ShapesRunConfig()

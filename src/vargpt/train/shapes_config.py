@@ -89,7 +89,7 @@ class ShapesRunConfig:
     # the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
     # -0.006 (run 14), within the suite's spread (EVAL.md)
     edit_lr: float | None = 1e-5
-    # False (runs 8-14): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
+    # False (runs 8-15): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
     # the LLM trains too, with questions in the mix (run 7)
     edit_llm: bool = False
