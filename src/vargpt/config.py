@@ -180,6 +180,9 @@ class DecoderConfig:
     rope_base: float = 10000.0
     rope_grid_size: int = 128  # rows/cols of the precomputed 2-D RoPE grid (2048 px / 16)
     max_scale_mul: float = math.log(100.0)
+    # the decoder's attention (``vargpt.models.decoder.attention.attend``): "sdpa" (fused kernels) or "eager"
+    # (matmuls and a float32 softmax: faster to train on a small CPU model, e.g. the ``shapes`` preset)
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     @property
     def head_dim(self) -> int:
@@ -202,6 +205,8 @@ class DecoderConfig:
         _require(self.memory_dim >= self.pool_head_dim, "DecoderConfig.memory_dim",
                  f"must be >= pool_head_dim={self.pool_head_dim}, got {self.memory_dim}")
         _require(self.ffn_hidden > 0, "DecoderConfig.mlp_ratio", "FFN width rounds to 0")
+        _require(self.attn_implementation in ("sdpa", "eager"), "DecoderConfig.attn_implementation",
+                 f"expected 'sdpa' or 'eager', got {self.attn_implementation!r}")
 
 
 @dataclass(kw_only=True)
@@ -362,16 +367,20 @@ def _shapes() -> VARGPTConfig:
     # 64 x 64 Shapes images; a 4-level (8x) tokenizer: 8 x 8 latent grid, first-5 schedule (1, 2, 4, 6, 8) = 121
     # tokens of 32 bits (a 16x tokenizer's 4 x 4 grid could not keep the shapes apart, EVAL.md); 384 text ids: the 96
     # characters, the special tokens and BPE merges learned on the training texts (``bpe_tokenizer``; 216 in run 7);
-    # zero padding in the tokenizer (replicate padding read back 0.60-0.69 of the scenes against 0.94, EVAL.md)
+    # zero padding in the tokenizer (replicate padding read back 0.60-0.69 of the scenes against 0.94, EVAL.md);
+    # eager attention in the LLM and the decoder (a generation training step about 13 % shorter on this CPU than
+    # with SDPA, ``benchmarks/train_step.py``; checkpoints up to run 16 were trained with SDPA)
     return VARGPTConfig(
         vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=4),
         text=TextConfig(vocab_size=384, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                         num_kv_heads=2, mrope_section=[8, 12, 12]),
-        decoder=DecoderConfig(width=256, depth=4, num_heads=2, mlp_ratio=4.0, memory_dim=256),
+        decoder=DecoderConfig(width=256, depth=4, num_heads=2, mlp_ratio=4.0, memory_dim=256,
+                              attn_implementation="eager"),
         vae=VAEConfig(codebook_dim=32, base_channels=32, encoder_ch_mult=[1, 1, 2, 4],
                       decoder_ch_mult=[1, 1, 2, 4], num_res_blocks=1),
         special_tokens=SpecialTokens.from_base(100),
         gen_schedule="first-5",
+        attn_implementation="eager",
     )
 
 

@@ -45,9 +45,10 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def dec() -> VisualDecoder:
-    return randomize_(VisualDecoder(small_cfg(), D_BITS)).eval()
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def dec(request) -> VisualDecoder:
+    """The same weights under either attention implementation (every test that takes it runs on both)."""
+    return randomize_(VisualDecoder(small_cfg(attn_implementation=request.param), D_BITS)).eval()
 
 
 def inputs(dec: VisualDecoder, schedule, lens=(5, 9), seed=1):
@@ -93,6 +94,29 @@ def test_batched_equals_one_by_one_with_padded_memory(dec, garbage) -> None:
     memory2 = memory.clone()
     memory2[0, 0] += 1.0
     assert not torch.allclose(dec(h, cond, memory2, mask, schedule, template)[0], batched[0])
+
+
+@pytest.mark.parametrize("template,schedule", [SQUARE, TALL], ids=["1.0", "1.333"])
+def test_eager_attention_equals_sdpa_with_gradients(template, schedule) -> None:
+    """``attn_implementation="eager"`` computes what SDPA computes: the block-causal training forward with a padded
+    memory, and the gradients of every parameter and input, to float32 round-off."""
+    decs = [randomize_(VisualDecoder(small_cfg(attn_implementation=impl), D_BITS)).eval() for impl in ("sdpa", "eager")]
+    outs, grads = [], []
+    for d in decs:
+        h, cond, memory, mask = inputs(d, schedule, lens=(3, 11))
+        memory[~mask] = 0.0
+        h.requires_grad_(True)
+        memory.requires_grad_(True)
+        out = d(h, cond, memory, mask, schedule, template)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs.append(out.detach())
+        grads.append([h.grad, memory.grad] + [p.grad for p in d.parameters() if p.grad is not None])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 2
+    for a, b in zip(grads[0], grads[1], strict=True):  # round-off of sums over many terms: relative to the tensor
+        assert (b - a).abs().max() <= 1e-5 * a.abs().max()
+    with pytest.raises(ValueError, match="DecoderConfig.attn_implementation"):
+        small_cfg(attn_implementation="flash")
 
 
 @torch.no_grad()

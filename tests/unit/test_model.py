@@ -266,3 +266,43 @@ def test_editing_batch_mixed_understanding_and_generation_batched_equals_single(
             torch.testing.assert_close(both.text_logits_BTV[i, real], one.text_logits_BTV[0], rtol=1e-5, atol=1e-5)
     pos = model.position_ids(ids, mask, grid)
     assert not torch.equal(pos[1], pos[2])  # image tokens carry 2-D positions
+
+
+def test_eager_attention_equals_sdpa_in_the_whole_model():
+    """``attn_implementation="eager"`` in the LLM (transformers' eager path) and the decoder gives the SDPA model's
+    losses, logits and gradients (left-padded editing batch: understanding image, text and a generated image)."""
+    from PIL import Image
+
+    from vargpt.processing.chat import expand_image_pads, preprocess_images
+
+    base = tiny_model().eval()
+    cfg = base.config
+    eager_cfg = replace(cfg, attn_implementation="eager", decoder=replace(cfg.decoder, attn_implementation="eager"))
+    eager = VARGPT(eager_cfg).eval()
+    eager.load_state_dict(base.state_dict())
+    st = cfg.special_tokens
+    g = torch.Generator().manual_seed(1)
+    imgs = [Image.fromarray((torch.rand(56, 56, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(2)]
+    pv, grid = preprocess_images(cfg, imgs)
+    rows = [gen_sample(cfg, expand_image_pads([5 + i, st.vision_start, st.image_pad, st.vision_end, 9][: 5 - i],
+                                              grid[i:i + 1], st.image_pad, cfg.vision.spatial_merge_size), [20])
+            for i in range(2)]
+    ids, mask = pad_batch(rows, st.endoftext, "left")
+    # no target on a row's first real token: a left-padding position predicts it, and the two implementations
+    # leave fully masked rows different (neither is meaningful)
+    labels = ids.masked_fill(mask.cumsum(1) <= 1, IGNORE_INDEX)
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pv, image_grid_thw=grid,
+                 gen_pixel_values=random_images(2))
+    outs = []
+    for model in (base, eager):
+        out = model(**batch)
+        out.loss.backward()
+        outs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (o0, g0), (o1, g1) = outs
+    torch.testing.assert_close(o1.loss, o0.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o1.gen_logits_NLV, o0.gen_logits_NLV, rtol=1e-4, atol=1e-5)
+    real = mask.bool()
+    torch.testing.assert_close(o1.text_logits_BTV[real], o0.text_logits_BTV[real], rtol=1e-4, atol=1e-5)
+    assert g0.keys() == g1.keys() and any(n.startswith("backbone.") for n in g0)
+    for n in g0:  # round-off of sums over many terms: relative to the tensor
+        assert (g1[n] - g0[n]).abs().max() <= 1e-4 * g0[n].abs().max() + 1e-9, n
