@@ -304,7 +304,8 @@ def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_see
     _log(out, f"{name}: {len(records)} preference pairs from {len(prompts)} prompts")
     losses = train(model.train(), records, collate, cfg, step_fn=step).losses
     if losses:
-        _log(out, f"{name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        # the mean of the last steps, as the SFT phases log it (one DPO step sees only batch_size // 4 pairs)
+        _log(out, f"{name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
     return losses
 
 
