@@ -6,6 +6,8 @@ to say anything; EVAL.md has its full-suite score."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -30,7 +32,11 @@ def engine() -> Engine:
 
 def test_the_shipped_checkpoint_is_ours_small_and_the_default(engine) -> None:
     assert (SHIPPED_CHECKPOINT / "model.safetensors").stat().st_size <= 40_000_000
-    assert VARGPTConfig.load(SHIPPED_CHECKPOINT / "config.json").to_dict() == get_preset("shapes").to_dict()
+    # the preset's architecture; its attention implementation is the one run 15 trained with (SDPA: the preset trains
+    # with eager attention since, which computes the same function, BENCHMARKS.md)
+    preset = get_preset("shapes")
+    preset = replace(preset, attn_implementation="sdpa", decoder=replace(preset.decoder, attn_implementation="sdpa"))
+    assert VARGPTConfig.load(SHIPPED_CHECKPOINT / "config.json").to_dict() == preset.to_dict()
     assert next(engine.model.parameters()).dtype == torch.bfloat16  # stored and run in bf16
     assert engine.compat == "native"
     # default sampling settings: those the training run chose on validation prompts (EVAL.md), shipped with it
