@@ -368,7 +368,7 @@ def _shapes() -> VARGPTConfig:
     # tokens of 32 bits (a 16x tokenizer's 4 x 4 grid could not keep the shapes apart, EVAL.md); 384 text ids: the 96
     # characters, the special tokens and BPE merges learned on the training texts (``bpe_tokenizer``; 216 in run 7);
     # zero padding in the tokenizer (replicate padding read back 0.60-0.69 of the scenes against 0.94, EVAL.md);
-    # eager attention in the LLM and the decoder (a generation training step about 13 % shorter on this CPU than
+    # eager attention in the LLM and the decoder (a generation training step about 12 % shorter on this CPU than
     # with SDPA, ``benchmarks/train_step.py``; checkpoints up to run 16 were trained with SDPA)
     return VARGPTConfig(
         vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=4),

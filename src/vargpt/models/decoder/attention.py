@@ -29,8 +29,9 @@ def attend(q_BHLD: torch.Tensor, k_BHMD: torch.Tensor, v_BHMD: torch.Tensor, bia
 
     ``implementation``: ``"sdpa"`` (``F.scaled_dot_product_attention``: fused kernels, no (L, M) score tensor; the
     default, and the one for long sequences and GPUs) or ``"eager"`` (two matmuls and a float32 softmax, as
-    transformers' eager attention). On this project's 2-core CPU the eager path trains the Shapes decoder's
-    attention about 1.7x faster than the CPU flash kernel's backward (``benchmarks/train_step.py``).
+    transformers' eager attention). On this project's 2-core CPU, at the ``shapes`` preset's sizes, the eager path's
+    forward and backward are faster than the CPU flash kernel's (a whole generation training step 0.88x as long with
+    eager attention in the LLM and the decoder: ``benchmarks/train_step.py``, BENCHMARKS.md).
     """
     if implementation == "sdpa":
         return F.scaled_dot_product_attention(q_BHLD, k_BHMD, v_BHMD, attn_mask=bias, scale=scale)
