@@ -1,7 +1,8 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
 ``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 15, in one
-go: ``vargpt train shapes --set vae_steps=3800`` with the other defaults as they are now); what each option did in the
-runs that tried it is in EVAL.md."""
+go: ``vargpt train shapes --set vae_steps=3800`` with the other defaults as they are now; the ``shapes`` preset has
+since switched to eager attention, the same function to float round-off, so a new run is not bit-identical to it);
+what each option did in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
