@@ -234,14 +234,13 @@ def test_training_mode_defaults_to_bitwise_self_correction():
     assert torch.equal(off.gen_labels_NLd, clean.gen_labels_NLd)
 
 
-def test_editing_batch_mixed_understanding_and_generation_batched_equals_single():
-    """Source image (understanding path) + generated image in one sample; M-RoPE positions around both."""
+def _editing_batch(cfg):
+    """Two left-padded editing rows (a source image of 56 x 56 / 56 x 84 px, text, a generated image):
+    (input_ids, attention_mask, pixel_values, image_grid_thw)."""
     from PIL import Image
 
     from vargpt.processing.chat import expand_image_pads, preprocess_images
 
-    model = tiny_model()
-    cfg = model.config
     st = cfg.special_tokens
     g = torch.Generator().manual_seed(0)
     imgs = [Image.fromarray((torch.rand(56, 56 + 28 * i, 3, generator=g) * 255).to(torch.uint8).numpy())
@@ -253,6 +252,13 @@ def test_editing_batch_mixed_understanding_and_generation_batched_equals_single(
         ids = expand_image_pads(ids, grid[i:i + 1], st.image_pad, cfg.vision.spatial_merge_size)
         rows.append(gen_sample(cfg, ids, [20]))
     ids, mask = pad_batch(rows, st.endoftext, "left")
+    return ids, mask, pv, grid
+
+
+def test_editing_batch_mixed_understanding_and_generation_batched_equals_single():
+    """Source image (understanding path) + generated image in one sample; M-RoPE positions around both."""
+    model = tiny_model()
+    ids, mask, pv, grid = _editing_batch(model.config)
     targets = random_images(2)
     with torch.no_grad():
         both = model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
@@ -271,23 +277,12 @@ def test_editing_batch_mixed_understanding_and_generation_batched_equals_single(
 def test_eager_attention_equals_sdpa_in_the_whole_model():
     """``attn_implementation="eager"`` in the LLM (transformers' eager path) and the decoder gives the SDPA model's
     losses, logits and gradients (left-padded editing batch: understanding image, text and a generated image)."""
-    from PIL import Image
-
-    from vargpt.processing.chat import expand_image_pads, preprocess_images
-
     base = tiny_model().eval()
     cfg = base.config
     eager_cfg = replace(cfg, attn_implementation="eager", decoder=replace(cfg.decoder, attn_implementation="eager"))
     eager = VARGPT(eager_cfg).eval()
     eager.load_state_dict(base.state_dict())
-    st = cfg.special_tokens
-    g = torch.Generator().manual_seed(1)
-    imgs = [Image.fromarray((torch.rand(56, 56, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(2)]
-    pv, grid = preprocess_images(cfg, imgs)
-    rows = [gen_sample(cfg, expand_image_pads([5 + i, st.vision_start, st.image_pad, st.vision_end, 9][: 5 - i],
-                                              grid[i:i + 1], st.image_pad, cfg.vision.spatial_merge_size), [20])
-            for i in range(2)]
-    ids, mask = pad_batch(rows, st.endoftext, "left")
+    ids, mask, pv, grid = _editing_batch(cfg)
     # no target on a row's first real token: a left-padding position predicts it, and the two implementations
     # leave fully masked rows different (neither is meaningful)
     labels = ids.masked_fill(mask.cumsum(1) <= 1, IGNORE_INDEX)
