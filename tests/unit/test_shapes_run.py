@@ -259,7 +259,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         # ``dpo_bsc``: the DPO passes' flip rate (None: the model config's 0.3, here); clean teacher forcing moves
         # elsewhere
         assert ShapesRunConfig().dpo_bsc == 0.0 and load_model(final).config.bsc_max_strength == 0.3
-        assert (ShapesRunConfig().dpo_prompts, ShapesRunConfig().dpo_steps) == (480, 120)  # run 14's stage-3d rerun
+        assert (ShapesRunConfig().dpo_prompts, ShapesRunConfig().dpo_steps) == (400, 120)  # runs 14-15: 480
         rerun_editing(tmp_path / "run", tmp_path / "rerun3d0", dataclasses.replace(own, dpo_bsc=0.0),
                       start="pre_dpo")
         d = load_model(tmp_path / "rerun3d0" / "post_dpo").state_dict()

@@ -1,8 +1,7 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 15, in one
-go: ``vargpt train shapes --set vae_steps=3800`` with the other defaults as they are now; the ``shapes`` preset has
-since switched to eager attention, the same function to float round-off, so a new run is not bit-identical to it);
-what each option did in the runs that tried it is in EVAL.md."""
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 17, in one
+go: ``vargpt train shapes --out DIR`` with these defaults, 85.9 min on this machine); what each option did in the
+runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
@@ -32,7 +31,9 @@ class ShapesRunConfig:
     n_editing: int = 3000
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
     stage2_editing: int = 1000
-    vit_steps: int = 1000  # ViT pre-training (``vargpt.train.shapes_vit``; 0 = none: the ViT learns in stage 2)
+    # ViT pre-training (``vargpt.train.shapes_vit``; 0 = none: the ViT learns in stage 2). Runs 11-15: 1000 (read-back
+    # of the validation scenes from its tokens 0.998); runs 16-17: 600 (0.996), 1 min less
+    vit_steps: int = 600
     vit_batch: int = 64
     vit_lr: float = 1e-3
     vit_scenes: int = 20000
@@ -84,7 +85,7 @@ class ShapesRunConfig:
     stage3_editing: int = 0
     stage3_copies: int = 0
     dpo_steps: int = 120  # runs 1-14 (in-run): 40
-    edit_steps: int = 200  # run 8: 600
+    edit_steps: int = 100  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-17: 100
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried, and the phase costs
     # generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079, from
     # the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
@@ -123,12 +124,13 @@ class ShapesRunConfig:
     # From run 15's pre_dpo with clean teacher forcing, on 800 suite prompts: +0.030 with it, +0.023 without (within
     # the spread; EVAL.md "DPO probe after run 16")
     dpo_teacher: bool = False
-    dpo_prompts: int = 480  # runs 1-14 (in-run): 160
+    dpo_prompts: int = 400  # runs 1-14 (in-run): 160; run 15: 480; runs 16-17: 400
     dpo_candidates: int = 4
     prompt_drop_rate: float = 0.1
     mixed_precision: str = "bf16"  # the SFT phases (1.4x faster on this CPU than fp32; DPO runs in fp32)
     monitor_every: int = 500  # log a small slice of the suite a phase trains for every n steps (0 = at the end only)
-    sampling_per_category: int = 25  # validation prompts per category for choosing the sampling defaults
+    # validation prompts per category for choosing the sampling defaults (runs 12-15: 25; runs 16-17: 20)
+    sampling_per_category: int = 20
     vae_padding_mode: str | None = None  # None: the shapes preset's ("zeros"; "replicate" was tried, EVAL.md)
     # Two ways to shorter CPU steps, off in the shipped recipe (run 6 had both, with 4,200 stage-2 steps in 77.5
     # min, and scored lower; EVAL.md): the chat template without the default system turn (SHAPES_CHAT_TEMPLATE),
