@@ -217,6 +217,7 @@ class VARGPT(nn.Module):
         gen_pixel_values: torch.Tensor | None = None,
         flips=None,
         cond_drop_N: torch.Tensor | None = None,
+        gen_latents: torch.Tensor | None = None,
     ) -> VARGPTOutput:
         """Logits and losses of a batch.
 
@@ -232,13 +233,24 @@ class VARGPT(nn.Module):
             flips: bitwise self-correction (a ``vargpt.models.vae`` flips callable); default: in training mode
                 ``RandomBitFlips(config.bsc_max_strength)`` on the global RNG, in eval mode no flips.
             cond_drop_N: (N,) bool, replace the start vector by ``cfg_uncond[0]`` (condition dropout).
+            gen_latents: (N, d, H/ds, W/ds) the targets' VAE features, ``self.vae.encode(gen_pixel_values)``, given
+                instead of ``gen_pixel_values`` (e.g. encoded once for targets seen many times while the VAE is
+                frozen, ``vargpt.train.latents.LatentCache``).
         """
         cfg = self.config
         st = cfg.special_tokens
         gen = None
         gen_rows = None
+        if gen_pixel_values is not None and gen_latents is not None:
+            raise ValueError("give the generation targets as gen_pixel_values or as gen_latents, not both")
         if gen_pixel_values is not None and gen_pixel_values.shape[0] > 0:
-            gen = self._gen_inputs(gen_pixel_values, flips, cond_drop_N)
+            gen = self._gen_inputs(self._encode_targets(gen_pixel_values), flips, cond_drop_N)
+        elif gen_latents is not None and gen_latents.shape[0] > 0:
+            d = self.config.vae.codebook_dim
+            if gen_latents.dim() != 4 or gen_latents.shape[1] != d:
+                raise ValueError(f"gen_latents must be (N, {d}, h, w) VAE features, got {tuple(gen_latents.shape)}")
+            gen = self._gen_inputs(gen_latents, flips, cond_drop_N)
+        if gen is not None:
             gen_rows = gen["z_NPC"]
         hidden_BTC = self.llm_hidden(input_ids, attention_mask, position_ids, pixel_values, image_grid_thw,
                                      gen_rows, num_gen_tokens=gen["L"] if gen else None)
@@ -266,15 +278,20 @@ class VARGPT(nn.Module):
         out.loss = sum(parts) if parts else None
         return out
 
-    def _gen_inputs(self, gen_pixel_values, flips, cond_drop_N) -> dict:
-        """VAE encode + BSC teacher forcing + decoder input sequence Z (N, P, C), zero-padded to P slots."""
-        N, _, H, W = gen_pixel_values.shape
+    def _encode_targets(self, gen_pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) generation targets in [-1, 1] -> (N, d, H/ds, W/ds) VAE features (no gradient)."""
+        H, W = gen_pixel_values.shape[-2:]
         ds = self.config.vae.downsample
         if H % ds or W % ds:
             raise ValueError(f"generation targets must be multiples of {ds} pixels, got {H}x{W}")
-        schedule, template = schedule_for_latent(H // ds, W // ds)
         with torch.no_grad():
-            f_NdHW = self.vae.encode(gen_pixel_values)
+            return self.vae.encode(gen_pixel_values)
+
+    def _gen_inputs(self, f_NdHW, flips, cond_drop_N) -> dict:
+        """BSC teacher forcing on the targets' VAE features (N, d, h, w) + decoder input sequence Z (N, P, C),
+        zero-padded to P slots."""
+        N = f_NdHW.shape[0]
+        schedule, template = schedule_for_latent(*f_NdHW.shape[-2:])
         if flips is None:
             # training default: official bitwise self-correction (global RNG); evaluation: clean teacher forcing
             flips = (RandomBitFlips(self.config.bsc_max_strength)

@@ -67,6 +67,7 @@ from vargpt.processing.chat import DEFAULT_SYSTEM
 from vargpt.processing.processor import Processor
 from vargpt.processing.tokenizer import bpe_tokenizer, char_tokenizer
 from vargpt.train.dpo import DPOStep, build_pairs
+from vargpt.train.latents import LatentCache
 from vargpt.train.loop import TrainConfig, train
 from vargpt.train.recipes import STAGES, Stage, apply_stage
 from vargpt.train.shapes_config import LLM_MODULES, ShapesRunConfig
@@ -276,7 +277,10 @@ def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConf
     # 121 image slots (or to a caption)
     keys = [batch_group(r) if run.length_groups else r.task for r in records]
     index = {k: i for i, k in enumerate(sorted(set(keys)))}
-    result = train(model, records, collate, cfg, eval_fn=eval_fn, group_ids=[index[k] for k in keys])
+    # the VAE is frozen after the tokenizer phase: each target is encoded once per phase (the same features)
+    step_fn = LatentCache().step_fn() if run.cache_latents else None
+    result = train(model, records, collate, cfg, step_fn=step_fn, eval_fn=eval_fn,
+                   group_ids=[index[k] for k in keys])
     return result.losses
 
 

@@ -143,6 +143,9 @@ class ShapesRunConfig:
     # the layout of the generation targets (``scene_for_prompt``): "canonical" (run 8) fixes the cells and the size
     # a prompt leaves open, so that each prompt has one layout; "random" (runs 1-7) draws them
     gen_layout: str = "canonical"
+    # True: each SFT phase encodes a generation target with the frozen VAE once and reuses its features
+    # (``vargpt.train.latents.LatentCache``; the same step, about 8 % of a generation step less); False: runs 1-17
+    cache_latents: bool = True
     device: str = "cpu"  # where the model trains and samples ("cuda" on a GPU machine; the recipe is sized for CPU)
 
     def __post_init__(self) -> None:
