@@ -1,7 +1,7 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
 ``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 17, in one
-go: ``vargpt train shapes --out DIR`` with these defaults, 85.9 min on this machine); what each option did in the
-runs that tried it is in EVAL.md."""
+go: ``vargpt train shapes --out DIR`` with these defaults, 85.9 min on this machine, except ``cache_latents``, added
+after it, which computes the same steps); what each option did in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
