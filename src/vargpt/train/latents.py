@@ -4,7 +4,9 @@ An SFT phase sees each generation target many times (stage 3c of the Shapes reci
 records), and with the VAE frozen every encoding of one image gives the same features. ``LatentCache`` keeps them,
 keyed by the image's bytes, and ``LatentCache.step_fn`` hands them to ``VARGPT.forward`` as ``gen_latents`` in place
 of ``gen_pixel_values``; the step then computes what the uncached step computes (``VARGPT._encode_targets`` is
-deterministic: float32, autocast off, no gradient).
+deterministic: float32, autocast off, no gradient). Features encoded in a batch of another size than the step's may
+differ by float round-off where a convolution backend picks its algorithm by batch size; on this CPU the tests find
+them bit-identical.
 
 The cache is safe against a VAE that changes: it refuses a VAE with trainable parameters, and it forgets everything
 when the VAE's weights change in place (an optimiser step or ``load_state_dict``) between two steps.
