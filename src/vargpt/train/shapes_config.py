@@ -144,7 +144,8 @@ class ShapesRunConfig:
     # a prompt leaves open, so that each prompt has one layout; "random" (runs 1-7) draws them
     gen_layout: str = "canonical"
     # True: each SFT phase encodes a generation target with the frozen VAE once and reuses its features
-    # (``vargpt.train.latents.LatentCache``; the same step, about 8 % of a generation step less); False: runs 1-17
+    # (``vargpt.train.latents.LatentCache``; the same losses bit for bit; an isolated generation step 0.89x-0.93x as
+    # long, no gain measured above the noise in the recipe's loop, BENCHMARKS.md); False: runs 1-17
     cache_latents: bool = True
     device: str = "cpu"  # where the model trains and samples ("cuda" on a GPU machine; the recipe is sized for CPU)
 
