@@ -27,6 +27,7 @@ from vargpt.data.records import load_records
 from vargpt.data.shapes.tasks import build_split
 from vargpt.models.vargpt import VARGPT
 from vargpt.train.latents import LatentCache
+from vargpt.train.loop import default_step_fn
 from vargpt.train.recipes import apply_stage
 from vargpt.train.shapes import FULL_RES, SHAPES_STAGES, _set_schedule, shapes_corpus, shapes_processor
 
@@ -70,15 +71,12 @@ def main() -> None:
             collate = SFTCollator(base, processor, generator=torch.Generator().manual_seed(0), prompt_drop_rate=0.0)
             batches[task] = [collate(recs[i * 16:(i + 1) * 16]) for i in range(args.steps)]
 
-    cache = LatentCache()
+    cached_step = LatentCache().step_fn()  # the recipe's path (``vargpt.train.shapes._sft``)
 
     def step(model, batch, cached: bool = False) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            if cached and "gen_pixel_values" in batch:
-                batch = dict(batch)
-                batch["gen_latents"] = cache.encode(model, batch.pop("gen_pixel_values"))
-            out = model(**batch)
-        out.loss.backward()
+            loss = (cached_step if cached else default_step_fn)(model, batch)[0]
+        loss.backward()
         model.zero_grad(set_to_none=True)
 
     runs = [(name, model, False) for name, model in models.items()] + [(CACHED, models["eager / eager"], True)]

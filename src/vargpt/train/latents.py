@@ -48,10 +48,6 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self._features)
 
-    def clear(self) -> None:
-        self._features.clear()
-        self._vae_state = None
-
     def encode(self, model: nn.Module, gen_pixel_values: torch.Tensor) -> torch.Tensor:
         """``model._encode_targets(gen_pixel_values)`` with the features of images seen before taken from the cache.
 
