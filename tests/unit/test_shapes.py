@@ -115,6 +115,31 @@ def test_canonical_layout_fixes_what_the_prompt_leaves_open() -> None:
         scene_for_prompt(rng, parse_gen_prompt("a circle"), "grid")
 
 
+def test_fixed_layout_makes_the_scene_a_function_of_the_prompt() -> None:
+    rng = random.Random(5)
+    for c in GEN_CATEGORIES:
+        for _ in range(30):
+            p = sample_gen_prompt(rng, c)
+            scenes = {scene_for_prompt(random.Random(seed), p, "fixed") for seed in range(4)}
+            assert len(scenes) == 1, p.text
+            (scene,) = scenes
+            canonical = scene_for_prompt(random.Random(0), p, "canonical")
+            # the canonical cells and sizes, no jitter, and the colours the prompt names
+            assert [(o.shape, o.size, o.cell) for o in scene.objects] == [
+                (o.shape, o.size, o.cell) for o in canonical.objects]
+            assert all(o.jitter == (0, 0) for o in scene.objects)
+            named = [v for k, v in p.p.items() if k.startswith("color")]
+            if named:
+                assert [o.color for o in scene.objects] == named
+    fixed = lambda text: [(o.color, o.shape, o.cell)  # noqa: E731
+                          for o in scene_for_prompt(rng, parse_gen_prompt(text), "fixed").objects]
+    assert fixed("a triangle") == [("green", "triangle", "center")]
+    assert fixed("a square and a circle") == [("blue", "square", "left"), ("red", "circle", "right")]
+    assert fixed("three circles") == [("red", "circle", "left"), ("red", "circle", "center"),
+                                      ("red", "circle", "right")]
+    assert fixed("a purple square below a green circle") == [("purple", "square", "bottom"), ("green", "circle", "top")]
+
+
 def test_generation_pass_rules_reject_wrong_images() -> None:
     red_circle = Obj("circle", "red", "small", "left")
     blue_square = Obj("square", "blue", "small", "right")

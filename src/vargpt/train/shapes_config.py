@@ -140,8 +140,10 @@ class ShapesRunConfig:
     # "bpe": merges learned on the training split's texts (each grammar word one token: a question row is about
     # 3x shorter than in characters); "char": one token per character (runs 1-6)
     tokenizer: str = "bpe"
-    # the layout of the generation targets (``scene_for_prompt``): "canonical" (run 8) fixes the cells and the size
-    # a prompt leaves open, so that each prompt has one layout; "random" (runs 1-7) draws them
+    # the layout of the generation targets (``scene_for_prompt``): "canonical" (runs 8-17) fixes the cells and the
+    # size a prompt leaves open, so that each prompt has one layout; "random" (runs 1-7) draws them; "fixed" also
+    # fixes the colours a prompt leaves open (by shape) and the jitter: a probe from run 17's pre_dpo (400 frozen
+    # stage-3c steps) scored 0.790 on a generation slice against 0.690 with canonical targets (EVAL.md run 18)
     gen_layout: str = "canonical"
     # True: each SFT phase encodes a generation target with the frozen VAE once and reuses its features
     # (``vargpt.train.latents.LatentCache``; the same losses bit for bit; an isolated generation step 0.89x-0.93x as

@@ -139,42 +139,50 @@ def _cells_for_relation(rng: random.Random, relation: str) -> tuple[str, str]:
 CANONICAL_CELLS = {1: ("center",), 2: ("left", "right"), 3: ("left", "center", "right")}
 CANONICAL_RELATION_CELLS = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),
                             "above": ("top", "bottom"), "below": ("bottom", "top")}
-LAYOUTS = ("random", "canonical")
+#: ``scene_for_prompt(layout="fixed")``: the colour of an object whose colour the prompt leaves open, by its shape.
+CANONICAL_COLORS = {"circle": "red", "square": "blue", "triangle": "green"}
+LAYOUTS = ("random", "canonical", "fixed")
 
 
 def scene_for_prompt(rng: random.Random, prompt: GenPrompt, layout: str = "random") -> Scene:
     """A scene that passes ``check_gen`` for ``prompt`` (training targets).
 
-    ``layout="random"``: what the prompt leaves open (cells, colours, sizes) is drawn uniformly. ``"canonical"``:
-    the cells the prompt leaves open are fixed (``CANONICAL_CELLS``, ``CANONICAL_RELATION_CELLS``) and so is the
-    size ("large"); colours and shapes left open are still drawn. A next-scale decoder samples the bits of a scale
-    independently, so a prompt with many equally likely layouts asks it for a many-mode distribution that per-bit
-    sampling cannot draw from; the canonical layout gives each prompt one layout (EVAL.md run 8)."""
+    ``layout="random"``: what the prompt leaves open (cells, colours, sizes, the 1 px jitter) is drawn uniformly.
+    ``"canonical"``: the cells the prompt leaves open are fixed (``CANONICAL_CELLS``, ``CANONICAL_RELATION_CELLS``)
+    and so is the size ("large"); colours left open and the jitter are still drawn. ``"fixed"``: as canonical, and
+    a colour left open is the shape's (``CANONICAL_COLORS``) and there is no jitter, so that the scene is a function
+    of the prompt. A next-scale decoder samples the bits of a scale independently, so a prompt with many equally
+    likely scenes asks it for a many-mode distribution that per-bit sampling cannot draw from (EVAL.md run 8: the
+    layouts; run 18: the colours of "two circles", whose mixtures read back as extra objects)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     p, c = prompt.p, prompt.category
-    canonical = layout == "canonical"
+    canonical = layout != "random"
+    fixed = layout == "fixed"
     size = {} if not canonical or c == "size" else {"size": "large"}
+
+    def obj(cell: str, shape: str, color: str | None = None, **kw) -> Obj:
+        if fixed:
+            return Obj(shape=shape, color=color or CANONICAL_COLORS[shape], size=kw.get("size", "large"), cell=cell)
+        return random_obj(rng, cell, shape=shape, color=color, **kw)
+
     if c == "position":
         a, b = (CANONICAL_RELATION_CELLS[p["relation"]] if canonical else _cells_for_relation(rng, p["relation"]))
-        return Scene((random_obj(rng, a, color=p["color1"], shape=p["shape1"], **size),
-                      random_obj(rng, b, color=p["color2"], shape=p["shape2"], **size)))
+        return Scene((obj(a, p["shape1"], p["color1"], **size), obj(b, p["shape2"], p["color2"], **size)))
     n = {"two_objects": 2, "color_attribution": 2, "counting": p.get("count", 1)}.get(c, 1)
     cells = [p["cell"]] if c == "cell" else list(CANONICAL_CELLS[n]) if canonical else rng.sample(CELLS, n)
     if c == "single_object":
-        objs = [random_obj(rng, cells[0], shape=p["shape"], **size)]
+        objs = [obj(cells[0], p["shape"], **size)]
     elif c == "two_objects":
-        objs = [random_obj(rng, cells[0], shape=p["shape1"], **size),
-                random_obj(rng, cells[1], shape=p["shape2"], **size)]
+        objs = [obj(cells[0], p["shape1"], **size), obj(cells[1], p["shape2"], **size)]
     elif c == "counting":
-        objs = [random_obj(rng, cell, shape=p["shape"], **size) for cell in cells]
+        objs = [obj(cell, p["shape"], **size) for cell in cells]
     elif c == "colors" or c == "cell":
-        objs = [random_obj(rng, cells[0], shape=p["shape"], color=p["color"], **size)]
+        objs = [obj(cells[0], p["shape"], p["color"], **size)]
     elif c == "color_attribution":
-        objs = [random_obj(rng, cells[0], shape=p["shape1"], color=p["color1"], **size),
-                random_obj(rng, cells[1], shape=p["shape2"], color=p["color2"], **size)]
+        objs = [obj(cells[0], p["shape1"], p["color1"], **size), obj(cells[1], p["shape2"], p["color2"], **size)]
     elif c == "size":
-        objs = [random_obj(rng, cells[0], shape=p["shape"], color=p["color"], size=p["size"])]
+        objs = [obj(cells[0], p["shape"], p["color"], size=p["size"])]
     else:
         raise ValueError(f"unknown category {c!r}")
     return Scene(tuple(objs))
