@@ -299,17 +299,21 @@ def test_canonical_generation_targets_in_the_split(tmp_path) -> None:
     from vargpt.data.shapes.tasks import build_split
     from vargpt.train.shapes import ShapesRunConfig
 
-    assert ShapesRunConfig().gen_layout == "canonical"
+    assert ShapesRunConfig().gen_layout == "fixed"  # run 18; runs 8-17: "canonical"
     with pytest.raises(ValueError, match="gen_layout='grid'"):
         ShapesRunConfig(gen_layout="grid")
-    split = build_split(tmp_path, seed=0, n_understanding=0, n_generation=16, n_editing=0, gen_layout="canonical")
-    for rec in map(json.loads, split.generation.read_text().splitlines()):
-        category = parse_gen_prompt(rec["meta"]["prompt"]).category
-        objs = read_image(Image.open(tmp_path / rec["images"][0]).convert("RGB"))
-        if category == "single_object":
-            assert [(o.cell, o.size) for o in objs] == [("center", "large")]
-        if category != "size":
-            assert {o.size for o in objs} == {"large"}
+    for layout in ("canonical", "fixed"):
+        split = build_split(tmp_path / layout, seed=0, n_understanding=0, n_generation=16, n_editing=0,
+                            gen_layout=layout)
+        for rec in map(json.loads, split.generation.read_text().splitlines()):
+            category = parse_gen_prompt(rec["meta"]["prompt"]).category
+            objs = read_image(Image.open(tmp_path / layout / rec["images"][0]).convert("RGB"))
+            if category == "single_object":
+                assert [(o.cell, o.size) for o in objs] == [("center", "large")]
+                if layout == "fixed":  # the colour the prompt leaves open is the shape's
+                    assert objs[0].color == {"circle": "red", "square": "blue", "triangle": "green"}[objs[0].shape]
+            if category != "size":
+                assert {o.size for o in objs} == {"large"}
 
 
 def test_multi_object_categories_weigh_more_in_the_generation_split(tmp_path) -> None:

@@ -26,9 +26,10 @@ the stages that officially start from pretrained parts also train those parts he
    own learning rate with ``edit_lr``, run 9); then the final checkpoint's sampling defaults are chosen again the
    same way.
 
-The generation targets have one layout per prompt (``gen_layout="canonical"``, ``scene_for_prompt``): what a prompt
-leaves open of the cells and the size is fixed, because the bitwise head samples each bit of a scale on its own and
-cannot draw from a many-mode 1x1 token (EVAL.md run 8). ``multi_object_weight`` > 1 draws the categories with two
+The generation targets are a function of their prompt (``gen_layout="fixed"``, ``scene_for_prompt``): what a prompt
+leaves open of the cells, the size and the colours is fixed, and there is no jitter, because the bitwise head samples
+each bit of a scale on its own and cannot draw from a many-mode token (EVAL.md runs 8 and 18: open cells, then open
+colours, whose mixtures read back as extra objects). ``multi_object_weight`` > 1 draws the categories with two
 or more objects that many times as often as the others (run 9; off in the shipped recipe).
 
 Every phase runs through the shared loop (``vargpt.train.loop.train``) and writes its final weights; the last one is

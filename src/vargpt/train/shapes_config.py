@@ -1,7 +1,7 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 17, in one
-go: ``vargpt train shapes --out DIR`` with these defaults, 85.9 min on this machine, except ``cache_latents``, added
-after it, which computes the same steps); what each option did in the runs that tried it is in EVAL.md."""
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 18, in one
+go: ``vargpt train shapes --out DIR`` with these defaults, 81.8 min on this machine); what each option did in the
+runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
@@ -140,11 +140,12 @@ class ShapesRunConfig:
     # "bpe": merges learned on the training split's texts (each grammar word one token: a question row is about
     # 3x shorter than in characters); "char": one token per character (runs 1-6)
     tokenizer: str = "bpe"
-    # the layout of the generation targets (``scene_for_prompt``): "canonical" (runs 8-17) fixes the cells and the
-    # size a prompt leaves open, so that each prompt has one layout; "random" (runs 1-7) draws them; "fixed" also
-    # fixes the colours a prompt leaves open (by shape) and the jitter: a probe from run 17's pre_dpo (400 frozen
-    # stage-3c steps) scored 0.790 on a generation slice against 0.690 with canonical targets (EVAL.md run 18)
-    gen_layout: str = "canonical"
+    # the layout of the generation targets (``scene_for_prompt``): "fixed" (run 18) fixes everything a prompt leaves
+    # open (cells and size as "canonical", a colour by the shape, no jitter), so that a target is a function of its
+    # prompt: generation 0.699 -> 0.886 over run 17, tokenizer read-back 0.975 -> 0.957 (its training images lose
+    # the open colours' variety); "canonical" (runs 8-17) fixes the cells and the size only; "random" (runs 1-7)
+    # draws all of them (EVAL.md runs 8 and 18)
+    gen_layout: str = "fixed"
     # True: each SFT phase encodes a generation target with the frozen VAE once and reuses its features
     # (``vargpt.train.latents.LatentCache``; the same losses bit for bit; an isolated generation step 0.89x-0.93x as
     # long, no gain measured above the noise in the recipe's loop, BENCHMARKS.md); False: runs 1-17
