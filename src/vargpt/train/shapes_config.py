@@ -122,7 +122,8 @@ class ShapesRunConfig:
     # True: each DPO prompt also gets the rendered scene of the prompt (``shapes_teacher``) as a candidate, the
     # Shapes stand-in for the stronger generator behind the official chosen images; False: the policy's samples only.
     # From run 15's pre_dpo with clean teacher forcing, on 800 suite prompts: +0.030 with it, +0.023 without (within
-    # the spread; EVAL.md "DPO probe after run 16")
+    # the spread; EVAL.md "DPO probe after run 16"); from run 18's: +0.012 to +0.022 with it (three settings),
+    # -0.001 without (EVAL.md "DPO probe after run 18"); untested in a full run
     dpo_teacher: bool = False
     dpo_prompts: int = 400  # runs 1-14 (in-run): 160; run 15: 480; runs 16-17: 400
     dpo_candidates: int = 4
