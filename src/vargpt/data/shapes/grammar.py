@@ -163,7 +163,7 @@ def scene_for_prompt(rng: random.Random, prompt: GenPrompt, layout: str = "rando
 
     def obj(cell: str, shape: str, color: str | None = None, **kw) -> Obj:
         if fixed:
-            return Obj(shape=shape, color=color or CANONICAL_COLORS[shape], size=kw.get("size", "large"), cell=cell)
+            return Obj(shape=shape, color=color or CANONICAL_COLORS[shape], cell=cell, **kw)  # kw: the size
         return random_obj(rng, cell, shape=shape, color=color, **kw)
 
     if c == "position":
