@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 
 import pytest
@@ -335,6 +336,37 @@ def test_multi_object_categories_weigh_more_in_the_generation_split(tmp_path) ->
                         gen_categories=run.gen_categories())
     counts = Counter(json.loads(line)["meta"]["category"] for line in split.generation.open())
     assert counts == {c: 6 if c in MULTI_OBJECT_CATEGORIES else 3 for c in GEN_CATEGORIES}
+
+
+def test_vertical_position_records_come_after_an_unchanged_split(tmp_path) -> None:
+    """``n_vertical``: above/below position records appended to the generation split, each a target that passes the
+    scorer, with every other record of the split the same as without them."""
+    from PIL import Image
+
+    from vargpt.data.shapes import check_gen, parse_gen_prompt, read_image
+    from vargpt.data.shapes.grammar import sample_gen_prompt
+    from vargpt.data.shapes.tasks import build_split
+    from vargpt.train.shapes import ShapesRunConfig
+
+    for bad in ({"n_vertical": -1}, {"vae_scenes": -1}, {"vae_scenes": 10, "n_understanding": 5}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            ShapesRunConfig(**bad)
+    with pytest.raises(ValueError, match="relations=.*expected some of"):
+        sample_gen_prompt(random.Random(0), "position", relations=("beside",))
+    kw = dict(seed=3, n_understanding=4, n_generation=8, n_editing=4, n_single=2, gen_layout="fixed")
+    base = build_split(tmp_path / "base", **kw)
+    more = build_split(tmp_path / "more", **kw, n_vertical=6)
+    for name in ("understanding", "editing", "understanding_single"):
+        assert getattr(base, name).read_text() == getattr(more, name).read_text()
+    gen = [json.loads(line) for line in more.generation.read_text().splitlines()]
+    assert gen[:8] == [json.loads(line) for line in base.generation.read_text().splitlines()]
+    relations = []
+    for rec in gen[8:]:
+        prompt = parse_gen_prompt(rec["meta"]["prompt"])
+        relations.append(prompt.p["relation"])
+        assert rec["images"][0].startswith("images/v")
+        assert check_gen(prompt, read_image(Image.open(tmp_path / "more" / rec["images"][0]).convert("RGB")))
+    assert relations == ["above", "below"] * 3
 
 
 def test_the_shapes_teacher_draws_a_passing_image_per_prompt() -> None:

@@ -329,7 +329,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     split = build_split(out / "data", seed=run.seed + 1, n_understanding=run.n_understanding,
                         n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
                         n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories(),
-                        multi_object_kinds=run.multi_object_questions)
+                        multi_object_kinds=run.multi_object_questions, n_vertical=run.n_vertical)
     und = load_records(split.understanding).records
     single = load_records(split.understanding_single).records if split.understanding_single else []
     gen = load_records(split.generation).records
@@ -344,9 +344,10 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     texts = shapes_corpus(und + single + gen + edi) if run.tokenizer == "bpe" else None
     processor = shapes_processor(cfg, system_turn=run.system_turn, texts=texts)
 
-    # 1. tokenizer, on the generation targets and the edited images: with canonical generation targets (few cells,
-    # large objects), the edits' random scenes keep every cell, size and object count in its training images
-    images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi]
+    # 1. tokenizer, on the generation targets, the edited images and ``vae_scenes`` understanding images: with fixed
+    # generation targets (few cells, large objects, three colours), the edits' and the questions' random scenes keep
+    # every cell, size, colour and object count in its training images
+    images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi + und[:run.vae_scenes]]
     vae_cfg = VAETrainConfig(steps=run.vae_steps, batch_size=run.vae_batch, lr=run.vae_lr, lr_schedule="cosine",
                              foreground_weight=run.vae_foreground_weight, mixed_precision=run.vae_mixed_precision)
     losses = train_vae(model.vae, images, vae_cfg)

@@ -28,6 +28,12 @@ class ShapesRunConfig:
     # generation split's categories (1: uniform, the shipped run 8; run 9 had 2 with n_generation=9000 and scored
     # lower: the one-object categories lost more than the multi-object ones gained, EVAL.md run 9)
     multi_object_weight: int = 1
+    # position records whose relation is "above" or "below" added to the ``n_generation`` generation records
+    # (``build_split(n_vertical=...)``). With the fixed layout only these prompts and the cell category put objects in
+    # the top and bottom cells, and run 18 failed 60 of its 107 above/below suite prompts against 8 of 93 left/right
+    # ones; from run 18's pre_dpo, 400 frozen stage-3c steps with 1,477 more of them: position 0.62 -> 0.81 on 800
+    # suite prompts (EVAL.md "Probe after run 18"). 0: none (runs 1-18)
+    n_vertical: int = 0
     n_editing: int = 3000
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
     stage2_editing: int = 1000
@@ -40,6 +46,11 @@ class ShapesRunConfig:
     vae_steps: int = 3800  # runs 8-14: 3000 (tokenizer read-back 0.943); run 15: 3800 (0.975)
     vae_batch: int = 16
     vae_lr: float = 2e-3
+    # understanding images (random scenes of 1-3 objects in any cell, colour and size: the first ``vae_scenes`` of the
+    # split's) added to the tokenizer's training images, the generation targets and the edited images. Run 18's
+    # fixed targets have three colours and no jitter, and its tokenizer read back 0.957 of the held-out scenes
+    # against run 17's 0.975; 0: none (runs 1-18)
+    vae_scenes: int = 0
     vae_foreground_weight: float = 5.0  # small objects on white: without it every colour collapses (EVAL.md)
     vae_mixed_precision: str = "bf16"
     stage1_steps: int = 200
@@ -158,6 +169,12 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
         if self.gen_layout not in LAYOUTS:
             raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
+        for name in ("n_vertical", "vae_scenes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
+        if self.vae_scenes > self.n_understanding:
+            raise ValueError(f"ShapesRunConfig.vae_scenes={self.vae_scenes}: expected <= n_understanding "
+                             f"({self.n_understanding}), the understanding images it takes from")
         if self.multi_object_weight < 1:
             raise ValueError(f"ShapesRunConfig.multi_object_weight={self.multi_object_weight}: expected >= 1")
         if self.edit_lr is not None and not self.edit_lr > 0:

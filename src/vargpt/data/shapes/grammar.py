@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from vargpt.data.shapes.scorer import ReadObj, relation_holds
@@ -72,8 +73,9 @@ def _gp(category: str, **params) -> GenPrompt:
     return GenPrompt(category, tuple(sorted(params.items())))
 
 
-def sample_gen_prompt(rng: random.Random, category: str) -> GenPrompt:
-    """A uniformly random prompt of ``category``."""
+def sample_gen_prompt(rng: random.Random, category: str, relations: Sequence[str] = RELATIONS) -> GenPrompt:
+    """A uniformly random prompt of ``category``; a position prompt's relation is drawn from ``relations`` (default:
+    all of ``RELATIONS``, the suite's distribution)."""
     colors = list(COLORS)
     if category == "single_object":
         return _gp(category, shape=rng.choice(SHAPES))
@@ -85,10 +87,13 @@ def sample_gen_prompt(rng: random.Random, category: str) -> GenPrompt:
     if category == "colors":
         return _gp(category, color=rng.choice(colors), shape=rng.choice(SHAPES))
     if category == "position":
+        bad = [r for r in relations if r not in RELATIONS]
+        if bad or not relations:
+            raise ValueError(f"sample_gen_prompt(relations={tuple(relations)!r}): expected some of {RELATIONS}")
         while True:
             c1, c2, s1, s2 = rng.choice(colors), rng.choice(colors), rng.choice(SHAPES), rng.choice(SHAPES)
             if (c1, s1) != (c2, s2):
-                return _gp(category, color1=c1, shape1=s1, color2=c2, shape2=s2, relation=rng.choice(RELATIONS))
+                return _gp(category, color1=c1, shape1=s1, color2=c2, shape2=s2, relation=rng.choice(relations))
     if category == "color_attribution":
         s1, s2 = rng.sample(SHAPES, 2)
         c1, c2 = rng.sample(colors, 2)

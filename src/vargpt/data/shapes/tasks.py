@@ -78,14 +78,19 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 
 def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_generation: int, n_editing: int,
                 exclude: Iterable[Scene] = (), gen_categories: tuple[str, ...] = GEN_CATEGORIES,
-                n_single: int = 0, gen_layout: str = "random", multi_object_kinds: Iterable[str] = ()) -> SplitPaths:
+                n_single: int = 0, gen_layout: str = "random", multi_object_kinds: Iterable[str] = (),
+                n_vertical: int = 0) -> SplitPaths:
     """Render a training split into ``out_dir`` (``images/``, ``understanding.jsonl``, ``generation.jsonl``,
     ``editing.jsonl`` and, when ``n_single`` > 0, ``understanding_single.jsonl`` of questions about one-object
     scenes; image paths are relative to ``out_dir``). ``gen_layout``: the ``layout`` of ``scene_for_prompt`` for
     the generation targets. ``multi_object_kinds``: question kinds (``QUESTION_KINDS``) asked in
     ``understanding.jsonl`` only about scenes of two or three objects, where answering about any object of the
     scene is not enough (empty: every kind about scenes of 1-3 objects, and the same records as before the option
-    existed)."""
+    existed). ``n_vertical``: position records whose relation is "above" or "below" (alternately), added to the
+    ``n_generation`` generation records (images ``v*.png``); they are drawn after every other record, so the rest of
+    the split is the same as without them."""
+    if n_vertical < 0:
+        raise ValueError(f"build_split(n_vertical={n_vertical}): expected >= 0")
     multi_object_kinds = check_question_kinds(multi_object_kinds, "build_split(multi_object_kinds=...)")
     out = Path(out_dir)
     rng = random.Random(seed)
@@ -116,15 +121,17 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
                                          {"role": "assistant", "content": qa[1]}], "images": [path]})
         return records
 
-    und, gen, edit = questions(n_understanding, "u", None), [], []
-    for i in range(n_generation):
-        prompt = sample_gen_prompt(rng, gen_categories[i % len(gen_categories)])
+    def generation(prompt: GenPrompt, name: str) -> dict:
         scene = scene_for_prompt(rng, prompt, gen_layout)
         user, reply = wrap_prompt(rng, prompt)
-        path = _save(render(scene), out / "images" / f"g{i:06d}.png")
-        gen.append({"messages": [{"role": "user", "content": user},
-                                 {"role": "assistant", "content": f"{reply}<image_gen>"}], "images": [path],
-                    "meta": {"category": prompt.category, "prompt": prompt.text}})
+        path = _save(render(scene), out / "images" / f"{name}.png")
+        return {"messages": [{"role": "user", "content": user},
+                             {"role": "assistant", "content": f"{reply}<image_gen>"}], "images": [path],
+                "meta": {"category": prompt.category, "prompt": prompt.text}}
+
+    und, edit = questions(n_understanding, "u", None), []
+    gen = [generation(sample_gen_prompt(rng, gen_categories[i % len(gen_categories)]), f"g{i:06d}")
+           for i in range(n_generation)]
     for i in range(n_editing):
         while True:
             scene = fresh_scene()
@@ -138,5 +145,7 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
                                   {"role": "assistant", "content": f"{rng.choice(EDIT_REPLIES)}<image_gen>"}],
                      "images": [src, tgt], "meta": {"kind": e.kind}})
     single = _write_jsonl(out / "understanding_single.jsonl", questions(n_single, "s", 1)) if n_single else None
+    gen += [generation(sample_gen_prompt(rng, "position", relations=(("above", "below")[i % 2],)), f"v{i:06d}")
+            for i in range(n_vertical)]
     return SplitPaths(_write_jsonl(out / "understanding.jsonl", und), _write_jsonl(out / "generation.jsonl", gen),
                       _write_jsonl(out / "editing.jsonl", edit), single)
