@@ -1,6 +1,7 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 18, in one
-go: ``vargpt train shapes --out DIR`` with these defaults, 81.8 min on this machine); what each option did in the
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 21, in one
+go: ``vargpt train shapes --out DIR`` with these defaults, 42.6 min on this machine on 2026-12-06, when it ran about
+1.9x as fast as for run 18's 81.8 min); what each option did in the
 runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ class ShapesRunConfig:
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried, and the phase costs
     # generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079, from
     # the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
-    # -0.006 (run 14), within the suite's spread (EVAL.md)
-    edit_lr: float | None = 1e-5
+    # -0.006 (run 14), within the suite's spread, then -0.018, -0.017 and -0.017 (runs 18-20; in runs 19-20 about what
+    # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 (the
+    # shipped recipe: 1e-6) +0.006, and its editing scored 0.002, its first pass in a full run
+    edit_lr: float | None = 1e-6
     # False (runs 8-15): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
     # the LLM trains too, with questions in the mix (run 7)
@@ -136,8 +139,9 @@ class ShapesRunConfig:
     # Shapes stand-in for the stronger generator behind the official chosen images; False: the policy's samples only.
     # From run 15's pre_dpo with clean teacher forcing, on 800 suite prompts: +0.030 with it, +0.023 without (within
     # the spread; EVAL.md "DPO probe after run 16"); from run 18's: +0.012 to +0.022 with it (three settings),
-    # -0.001 without (EVAL.md "DPO probe after run 18"); untested in a full run
-    dpo_teacher: bool = False
+    # -0.001 without (EVAL.md "DPO probe after run 18"); in full runs, stage 3d +0.020 and +0.019 with it (runs 19-20,
+    # against -0.002 in run 18 without it), +0.008 in run 21 (the shipped recipe: True)
+    dpo_teacher: bool = True
     dpo_prompts: int = 400  # runs 1-14 (in-run): 160; run 15: 480; runs 16-17: 400
     dpo_candidates: int = 4
     prompt_drop_rate: float = 0.1
