@@ -100,11 +100,11 @@ class ShapesRunConfig:
     dpo_steps: int = 120  # runs 1-14 (in-run): 40
     edit_steps: int = 100  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-17: 100
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
-    # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4)
-    # -0.079, from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
+    # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
+    # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
     # -0.006 (run 14), within the suite's spread, then -0.018, -0.017 and -0.017 (runs 18-20; in runs 19-20 about what
-    # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 (the
-    # shipped recipe: 1e-6) +0.006, and its editing scored 0.002, its first pass in a full run
+    # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 (the shipped
+    # recipe: 1e-6) +0.006, and its editing scored 0.002, its first pass in a full run
     edit_lr: float | None = 1e-6
     # False (runs 8-15): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
