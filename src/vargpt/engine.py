@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,10 @@ from vargpt.processing.image import from_pil, to_pil
 from vargpt.processing.processor import EncodedPrompt, Processor
 
 __all__ = ["Engine", "GeneratedImage", "ChatResult", "TextDelta", "ImagePreview", "ImageDone", "Done", "parse_dtype"]
+
+#: The longest reply ``Engine.write_replies`` writes before an image (a Shapes caption of three objects is about 25
+#: BPE tokens).
+REPLY_TOKENS = 64
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -281,15 +285,24 @@ class Engine:
 
     @torch.no_grad()
     def edit(self, image: Image.Image, instruction: str, params: ImageParams | None = None, *, seed: int | None = None,
-             assistant_prefix: str = "") -> GeneratedImage:
-        """Instruction-based editing: the source image in the user turn, then the image-generation path."""
+             assistant_prefix: str | None = None) -> GeneratedImage:
+        """Instruction-based editing: the source image in the user turn, the answer's text, then the image.
+
+        ``assistant_prefix``: None (default): the model writes its reply before the image (``write_replies``; the
+        Shapes model names the edited scene there); a string: that text is the reply."""
         params = self.resolve(params)
         seeds = [params.seed if seed is None else seed]
         t0 = time.perf_counter()
-        enc = self._encode_request(instruction, assistant_prefix, image=image)
+        if assistant_prefix is None:
+            enc = self.processor.encode([{"role": "user", "content": [{"type": "image", "image": image},
+                                                                      {"type": "text", "text": instruction}]}])
+            self.write_replies([enc])
+            enc = self._encode_request(enc, "")
+        else:
+            enc = self._encode_request(instruction, assistant_prefix, image=image)
         session, _ = self.prefill([enc])
         batch = None
-        for ev in self._image_loop(session, params, seeds, assistant_prefix=assistant_prefix,
+        for ev in self._image_loop(session, params, seeds, assistant_prefix=assistant_prefix or "",
                                    previews=False):
             batch = ev
         return self._results(batch, params, seeds, time.perf_counter() - t0)[0]
@@ -297,8 +310,9 @@ class Engine:
     @torch.no_grad()
     def generate_text(self, prompts: Sequence[EncodedPrompt], params: TextParams | None = None, *,
                       seeds: Sequence[int] | None = None) -> list[list[int]]:
-        """Batched text continuation (no image drawing: ``<|image_gen_start|>`` is never sampled). Returns the new
-        ids of each prompt (a stop token included when one ended it)."""
+        """Batched text continuation. No image is drawn: ``<|image_gen_start|>`` is never sampled, unless it is one
+        of ``params.stop_token_ids``, where it ends the text (the text an answer writes before its image, e.g. the
+        editing suite's replies). Returns the new ids of each prompt (a stop token included when one ended it)."""
         params = params or TextParams()
         st = self.config.special_tokens
         B = len(prompts)
@@ -306,11 +320,12 @@ class Engine:
         gens = make_generators(seeds)
         session, hidden = self.prefill(prompts)
         stops = {st.im_end, *params.stop_token_ids}
+        banned = () if st.image_gen_start in stops else (st.image_gen_start,)
         alive = torch.ones(B, dtype=torch.bool, device=self.device)
         out: list[list[int]] = [[] for _ in range(B)]
         for i in range(params.max_new_tokens):
             tok = sample_tokens(lm_logits(self.model, hidden), temperature=params.temperature, top_k=params.top_k,
-                                top_p=params.top_p, generators=gens, banned=(st.image_gen_start,))
+                                top_p=params.top_p, generators=gens, banned=banned)
             for b in range(B):
                 if alive[b]:
                     out[b].append(int(tok[b]))
@@ -319,6 +334,23 @@ class Engine:
                 break
             hidden = decode_step(session, tok, alive)[:, -1]
         return out
+
+    def write_replies(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int = REPLY_TOKENS) -> list[str]:
+        """The text each answer writes before its image (SHAPES.md: "a short sentence followed by the image"):
+        greedy decoding until the model opens the image (``<|image_gen_start|>``), ends its turn, writes any other
+        special token (an image placeholder is not text) or writes ``max_new_tokens`` tokens. The reply's ids (up to
+        that token) are appended to each prompt's ``input_ids`` in place, so that ``generate_images`` draws the image
+        after them (where the turn ended without an image, the image is drawn after the text all the same). Returns
+        the replies as text."""
+        special = set(asdict(self.config.special_tokens).values())
+        outs = self.generate_text(prompts, TextParams(max_new_tokens=max_new_tokens, stop_token_ids=sorted(special)))
+        replies = []
+        for enc, ids in zip(prompts, outs, strict=True):
+            if ids and ids[-1] in special:
+                ids = ids[:-1]
+            enc.input_ids = list(enc.input_ids) + ids
+            replies.append(self.processor.decode(ids).strip())
+        return replies
 
     @torch.no_grad()
     def understand(self, images: Sequence[Image.Image], question: str, params: TextParams | None = None) -> str:

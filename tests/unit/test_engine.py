@@ -403,6 +403,34 @@ def test_image_start_is_banned_where_no_image_may_be_drawn(engine: Engine, promp
     assert_same_images(drawn, first.images[0], logits=False)
 
 
+def test_write_replies_stops_where_the_model_opens_the_image(engine: Engine, prompts, monkeypatch) -> None:
+    import vargpt.engine as engine_module
+
+    st = engine.config.special_tokens
+    greedy = engine.generate_text(prompts, TextParams(max_new_tokens=5))
+    # the model opens the image at its third step: the reply is the two greedy tokens before it
+    start, orig, calls = st.image_gen_start, engine_module.lm_logits, []
+
+    def third_step_opens(model, hidden):
+        logits = orig(model, hidden).clone()
+        calls.append(1)
+        if len(calls) == 3:
+            logits[:, start] += 1e4
+        return logits
+
+    monkeypatch.setattr(engine_module, "lm_logits", third_step_opens)
+    stop = TextParams(max_new_tokens=5, stop_token_ids=(start,))
+    assert engine.generate_text(prompts, stop) == [g[:2] + [start] for g in greedy]
+    # ... and banned when it is not a stop token: the boost changes nothing
+    calls.clear()
+    assert engine.generate_text(prompts, TextParams(max_new_tokens=5)) == greedy
+    calls.clear()
+    encs = [EncodedPrompt(list(p.input_ids), p.pixel_values, p.image_grid_thw) for p in prompts]
+    replies = engine.write_replies(encs)
+    for enc, p, g, reply in zip(encs, prompts, greedy, replies, strict=True):
+        assert enc.input_ids == list(p.input_ids) + g[:2] and reply == engine.processor.decode(g[:2]).strip()
+
+
 def test_drawing_is_bounded_by_max_images(engine: Engine, monkeypatch) -> None:
     _favour_image_start(engine, monkeypatch)
     for max_images in (4, 2):
@@ -436,16 +464,23 @@ def test_understand_decodes_generate_text(engine: Engine) -> None:
 def test_edit_equals_generate_images_on_the_same_turn(engine: Engine) -> None:
     src = pil(56, 56, 9)
     params = ImageParams(seed=0, **SAMPLING)
-    out = engine.edit(src, "make it red", params, seed=4)
+    out = engine.edit(src, "make it red", params, seed=4, assistant_prefix="")
     assert out.seed == 4 and out.params["seed"] == 4
     (ref,) = engine.generate_images([engine.processor.encode(user(src, "make it red"))], params, seeds=[4])
     assert_same_images(out, ref, logits=False)
     assert out.image.tobytes() == ref.image.tobytes()
+    # by default the model writes its reply first (``write_replies``) and draws after it
+    enc = engine.processor.encode(user(src, "make it red"))
+    n = len(enc.input_ids)
+    (reply,) = engine.write_replies([enc])
+    assert len(enc.input_ids) > n and engine.processor.decode(enc.input_ids[n:]).strip() == reply
+    (ref,) = engine.generate_images([enc], params, seeds=[4])
+    assert_same_images(engine.edit(src, "make it red", params, seed=4), ref, logits=False)
     # the source image is a model input: another source changes the logits and, at the same seed, the bits.
     # (Argmax bits do not move on the random tiny model: the smallest argmax margin is ~0.13 while another source
     # image moves the logits by ~0.06, so the check is on the logits and on sampled bits.)
     other = pil(56, 56, 10)
-    b = engine.edit(other, "make it red", params, seed=4)
+    b = engine.edit(other, "make it red", params, seed=4, assistant_prefix="")
     assert not all(torch.equal(x, y) for x, y in zip(out.bits, b.bits, strict=True))
     greedy = ImageParams(cfg_scale=3.0, temperature=0)
     la, lb = (engine.generate_images([engine.processor.encode(user(im, "make it red"))], greedy,

@@ -59,8 +59,17 @@ def oracle():
     def generate_text(encs, params, seeds=None):
         # answer from the rendered image itself (read back), as a perfect model would
         answers = []
+        st = engine.config.special_tokens
         for enc in encs:
             q = _user_text(engine, enc.input_ids)
+            if q in {it["instruction"] for it in edits}:  # an edit's reply: the edited scene, then the image
+                assert st.image_gen_start in params.stop_token_ids
+                it = next(it for it in edits if it["instruction"] == q and torch.equal(
+                    enc.pixel_values, engine.processor.encode([{"role": "user", "content": [
+                        {"type": "image", "image": render(it["scene"])}]}]).pixel_values))
+                answers.append(engine.processor.encode_text(f"Here is {caption(it['target'])}.") +
+                               [st.image_gen_start])
+                continue
             scene = next(it["scene"] for k, it in scenes.items() if it["question"] == q and
                          torch.equal(enc.pixel_values, engine.processor.encode(
                              [{"role": "user", "content": [{"type": "image", "image": render(it["scene"])},
@@ -83,6 +92,8 @@ def test_an_oracle_scores_one(oracle, suite, tmp_path) -> None:
     if suite == "editing":  # what was read back is written for analysis: here the expected scene, caption for caption
         assert all(r["read"] == r["expected"] == caption(it["target"]) and r["source"] == caption(it["scene"])
                    for r, it in zip(rows, result.items, strict=True))
+        # the reply the model wrote before its image (here the oracle's: the edited scene)
+        assert all(r["reply"] == f"Here is {r['expected']}." for r in rows)
     if suite == "generation":
         assert all(r["read"] == caption(scene_for_prompt(random.Random(0), parse_gen_prompt(r["prompt"])))
                    for r in rows)

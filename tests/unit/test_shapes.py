@@ -247,6 +247,45 @@ def test_one_object_questions_are_extra_and_leave_the_split_unchanged(tmp_path) 
     assert len(kinds) >= 4  # every question kind is askable about one object
 
 
+def test_captioned_edit_replies_name_the_edited_scene_and_captions_draw_their_text(tmp_path) -> None:
+    from PIL import Image
+
+    from vargpt.data.shapes.grammar import parse_caption
+    from vargpt.data.shapes.world import Obj, Scene
+
+    held_out = [random_scene(random.Random(1)) for _ in range(5)]
+    kw = dict(seed=4, n_understanding=5, n_generation=8, n_editing=8, exclude=held_out)
+    plain = build_split(tmp_path / "a", **kw)
+    planned = build_split(tmp_path / "b", **kw, edit_reply="caption", n_captions=10)
+    assert plain.captions is None
+    for name in ("understanding", "generation"):  # the other records are the same
+        assert getattr(plain, name).read_text() == getattr(planned, name).read_text()
+    fixed = [json.loads(line) for line in plain.editing.read_text().splitlines()]
+    edits = [json.loads(line) for line in planned.editing.read_text().splitlines()]
+    for r, f in zip(edits, fixed, strict=True):
+        assert r["messages"][0] == f["messages"][0] and r["meta"] == f["meta"]  # the same edits of the same scenes
+        reply = r["messages"][1]["content"]
+        assert reply.startswith("Here is ") and reply.endswith(".<image_gen>")
+        named = parse_caption(reply.removeprefix("Here is ").removesuffix(".<image_gen>"))
+        target = read_image(Image.open(tmp_path / "b" / r["images"][1]))
+        assert named == frozenset(o.key() for o in target)  # the reply names the edited scene ...
+        fixed_target = read_image(Image.open(tmp_path / "a" / f["images"][1]))  # ... the fixed split's target
+        assert named == frozenset(o.key() for o in fixed_target)
+        still = Scene(tuple(Obj(*o.key()) for o in target))  # drawn without jitter: a function of the reply
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / r["images"][1])), np.asarray(render(still)))
+    caps = [json.loads(line) for line in planned.captions.read_text().splitlines()]
+    assert len(caps) == 10 and {len(parse_caption(r["meta"]["prompt"])) for r in caps} == {1, 2, 3}
+    for r in caps:
+        text = r["meta"]["prompt"]
+        assert text in r["messages"][0]["content"] and r["messages"][1]["content"] == f"Here is {text}.<image_gen>"
+        drawn = Scene(tuple(Obj(*k) for k in parse_caption(text)))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / r["images"][0])), np.asarray(render(drawn)))
+    with pytest.raises(ValueError, match="edit_reply='plan'"):
+        build_split(tmp_path / "x", **kw, edit_reply="plan")
+    with pytest.raises(ValueError, match="n_captions=-1"):
+        build_split(tmp_path / "x", **kw, n_captions=-1)
+
+
 def test_multi_object_kinds_ask_those_kinds_about_two_or_three_objects(tmp_path) -> None:
     from PIL import Image
 

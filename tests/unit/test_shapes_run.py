@@ -175,23 +175,24 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
-    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-15)
+    assert ShapesRunConfig().edit_llm is True  # run 22 (runs 8-21: False)
     # the True case also sets edit_lr and a stage-2 curriculum (llm_lr, stage3_llm_lr, dpo_bsc: the defaults, 3e-4,
     # 1e-4 and 0; quick()'s 2 stage3c_frozen_steps), the False case edit_lr=None, llm_lr=None, stage3_llm_lr=None,
     # stage3c_frozen_steps=0 and dpo_bsc=None (one quick run per case covers these)
     options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_editing=8,
                     stage3_copies=5) if edit_llm
-               else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None, stage3c_frozen_steps=0, dpo_bsc=None))
+               else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None, stage3c_frozen_steps=0, dpo_bsc=None,
+                         edit_reply="fixed", n_captions=0, stage3_editing=0))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
     kept = all(torch.equal(before[k], after[k]) for k in llm)
     assert llm and kept == (not edit_llm)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    # ``edit_lr``: the editing SFT at its own rate (the shipped recipe: 1e-6, run 21); None: at ``lr``, as stage 3c
+    # ``edit_lr``: the editing SFT at its own rate (3e-4 since run 22; run 21: 1e-6); None: at ``lr``, as stage 3c
     peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
             for phase in ("edit", "stage3c")}
-    assert ShapesRunConfig().edit_lr == 1e-6 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
+    assert ShapesRunConfig().edit_lr == 3e-4 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
     if edit_llm:
         assert peak["edit"] <= 1e-4 < peak["stage3c"]
     else:
@@ -212,16 +213,19 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     for phase in ("stage3a", "stage3c"):
         assert peak_rates(phase) == ({lr, 1e-4} if edit_llm else {lr})
     # ``stage3c_frozen_steps``: a stage-3c phase of the decoder and the projectors alone before it, own schedule
-    assert ShapesRunConfig().stage3c_frozen_steps == 1600  # runs 14-15
+    assert ShapesRunConfig().stage3c_frozen_steps == 2400  # run 22 (runs 14-21: 1600)
     if edit_llm:
         assert peak_rates("stage3c_frozen") == {lr}
         frozen = [json.loads(line) for line in (tmp_path / "run" / "stage3c_frozen" / "log.jsonl").open()]
         assert max(r["step"] for r in frozen) == 2
     log = (tmp_path / "run" / "log.txt").read_text()
     assert ("stage3c_frozen (first-5): 2 steps" in log) == edit_llm
-    # stage 3's mix: questions with the LLM trainable; ``stage3_editing`` edits and ``stage3_copies`` copy records
-    assert ("stage3: 141 records in the mix (64 generation, 64 questions, 8 edits, 5 copies)" if edit_llm else
-            "stage3: 64 records in the mix (64 generation, 0 questions, 0 edits, 0 copies)") in log
+    # stage 3's mix: questions with the LLM trainable; ``n_captions`` captions, ``stage3_editing`` edits and
+    # ``stage3_copies`` copy records
+    assert ("stage3: 157 records in the mix (64 generation, 16 captions, 64 questions, 8 edits, 5 copies)" if edit_llm
+            else "stage3: 64 records in the mix (64 generation, 0 captions, 0 questions, 0 edits, 0 copies)") in log
+    assert ("16 caption records (edit replies: caption)" if edit_llm else
+            "0 caption records (edit replies: fixed)") in log
     # ``stage2_curriculum``: its phases run in order between the warm-up and stage 2, each for its steps
     phases = [m.group(1) for m in re.finditer(r"\] (stage2\w*(?:\+\w+)*): (\d+) steps", log)]
     assert phases == (["stage2_warmup", "stage2_color", "stage2_exists+where", "stage2"] if edit_llm
@@ -232,7 +236,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     else:  # ``rerun_editing``: the last two steps again from post_dpo, here at another rate; deterministic
         from vargpt.train.shapes import rerun_editing
 
-        again = dataclasses.replace(ShapesRunConfig.quick(), edit_lr=1e-4)
+        again = dataclasses.replace(ShapesRunConfig.quick(), edit_lr=1e-4, edit_llm=False)
         finals = [rerun_editing(tmp_path / "run", tmp_path / f"rerun{i}", again) for i in range(2)]
         a, b = (load_model(f).state_dict() for f in finals)
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -404,7 +408,8 @@ def test_copy_records_show_the_source_and_ask_for_it_again(tmp_path) -> None:
     from vargpt.data.shapes.tasks import build_split
     from vargpt.train.shapes import COPY_INSTRUCTION, ShapesRunConfig, copy_records
 
-    assert ShapesRunConfig().stage3_editing == ShapesRunConfig().stage3_copies == 0  # off in the shipped recipe
+    # run 22: every edit in stage 3's mix (runs 1-21: none); no copy records in any full run
+    assert (ShapesRunConfig().stage3_editing, ShapesRunConfig().stage3_copies) == (3000, 0)
     with pytest.raises(ValueError, match="stage3_copies=-1"):
         ShapesRunConfig(stage3_copies=-1)
     split = build_split(tmp_path, seed=0, n_understanding=0, n_generation=0, n_editing=3)

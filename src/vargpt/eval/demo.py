@@ -27,7 +27,7 @@ def write_demo(engine: Engine, out: Path, *, seed: int = 0, n: int = 8) -> Path:
         sample_gen_prompt,
     )
     from vargpt.data.shapes.grammar import check_answer, sample_question
-    from vargpt.eval.shapes import EDIT_REPLY, GEN_REPLY, fit_canvas, reads_back
+    from vargpt.eval.shapes import GEN_REPLY, fit_canvas, reads_back
     from vargpt.generation.params import ImageParams, TextParams
 
     rng = random.Random(seed)
@@ -65,11 +65,12 @@ def write_demo(engine: Engine, out: Path, *, seed: int = 0, n: int = 8) -> Path:
             pass
         edit, target = r
         enc = engine.processor.encode([{"role": "user", "content": [{"type": "image", "image": render(scene)},
-                                                                    {"type": "text", "text": edit.text}]}],
-                                      assistant_prefix=EDIT_REPLY)
+                                                                    {"type": "text", "text": edit.text}]}])
+        (reply,) = engine.write_replies([enc])  # the model's own sentence before its image
         (img,) = engine.generate_images([enc], ImageParams(seed=seed + i))
         rows.append(("editing", save(render(scene), f"e{i}_src.png"), save(img.image, f"e{i}_out.png"),
-                     f"{html.escape(edit.text)}<br>expected: <img src=\"{save(render(target), f'e{i}_want.png')}\">"
+                     f"{html.escape(edit.text)}<br>reply: {html.escape(reply)}"
+                     f"<br>expected: <img src=\"{save(render(target), f'e{i}_want.png')}\">"
                      f"<br>{verdict(reads_back(img.image, target))}"))
     body = []
     for task in ("understanding", "generation", "editing"):

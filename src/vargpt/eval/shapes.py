@@ -44,7 +44,6 @@ __all__ = ["SUITES", "SuiteResult", "generation_items", "understanding_items", "
 SUITES = ("understanding", "generation", "editing", "tokenizer")
 EVAL_SEED = 20261126  # the held-out scenes and prompts; training splits must use other seeds
 GEN_REPLY = "Here is {p}."
-EDIT_REPLY = "Here is the edited image."
 
 
 @dataclass
@@ -158,11 +157,13 @@ def run_suite(engine: Engine, suite: str, *, params: ImageParams | None = None, 
     else:
         for n, chunk in enumerate(_batches(items, batch_size, "editing")):
             encs = [proc.encode([{"role": "user", "content": [{"type": "image", "image": render(it["scene"])},
-                                                              {"type": "text", "text": it["instruction"]}]}],
-                                assistant_prefix=EDIT_REPLY) for it in chunk]
+                                                              {"type": "text", "text": it["instruction"]}]}])
+                    for it in chunk]
+            replies = engine.write_replies(encs)
             seeds = [params.seed + n * batch_size + i for i in range(len(chunk))]
             imgs = engine.generate_images(encs, params, seeds=seeds)
-            for it, img in zip(chunk, imgs, strict=True):
+            for it, img, reply in zip(chunk, imgs, replies, strict=True):
+                it["reply"] = reply
                 objs = read_image(fit_canvas(img.image))
                 it["image"], it["read"] = img.image, read_caption(objs)
                 it["source"], it["expected"] = read_caption(it["scene"].objects), read_caption(it["target"].objects)

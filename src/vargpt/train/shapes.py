@@ -22,9 +22,14 @@ the stages that officially start from pretrained parts also train those parts he
    (``image_generation_config.json``); ``DPOStep`` sets the policy's drop-path and dropout rates to 0
    (``disable_dropout``) and they stay 0, so stage 3c and the editing SFT train without them (every run so far);
    with ``stage3c_frozen_steps`` stage 3c begins with that many steps of the decoder and the projectors alone;
-5. editing SFT: decoder + projectors (``edit_llm=True``: the LLM too, with questions in the mix, as in run 7; its
-   own learning rate with ``edit_lr``, run 9); then the final checkpoint's sampling defaults are chosen again the
-   same way.
+5. editing SFT: decoder + projectors (``edit_llm=True``: the LLM too, at ``edit_llm_lr``, with questions in the
+   mix, as in runs 7 and 22; its own learning rate with ``edit_lr``, run 9); then the final checkpoint's sampling
+   defaults are chosen again the same way.
+
+Edits (``edit_reply="caption"``, run 22): an edit's reply names the edited scene in the words of a description
+("Here is a small red circle in the top left, ..."), and caption records (``n_captions``) teach the decoder to
+draw such a text; the LLM learns to write the edit out in stage 2's mix (every edit), stage 3 and the editing SFT,
+and the decoder to draw it in stage 3c (the frozen phase too) and the editing SFT.
 
 The generation targets are a function of their prompt (``gen_layout="fixed"``, ``scene_for_prompt``): what a prompt
 leaves open of the cells, the size and the colours is fixed, and there is no jitter, because the bitwise head samples
@@ -325,23 +330,26 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
 
     # 0. data (held-out evaluation scenes excluded)
     held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in editing_items()]
-    held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
+    # (the edited scenes too: a caption record of one would show the decoder an answer of the editing suite)
+    held_out += [it["target"] for it in editing_items()] + eval_scenes(EVAL_SEED, 10)
     split = build_split(out / "data", seed=run.seed + 1, n_understanding=run.n_understanding,
                         n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
                         n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories(),
-                        multi_object_kinds=run.multi_object_questions, n_vertical=run.n_vertical)
+                        multi_object_kinds=run.multi_object_questions, n_vertical=run.n_vertical,
+                        edit_reply=run.edit_reply, n_captions=run.n_captions)
     und = load_records(split.understanding).records
     single = load_records(split.understanding_single).records if split.understanding_single else []
     gen = load_records(split.generation).records
     edi = load_records(split.editing).records
+    caps = load_records(split.captions).records if split.captions else []
     _log(out, f"data: {len(und)} understanding (+ {len(single)} one-object), {len(gen)} generation, "
-              f"{len(edi)} editing records")
+              f"{len(edi)} editing, {len(caps)} caption records (edit replies: {run.edit_reply})")
 
     cfg = dataclasses.replace(get_preset("shapes"), text_loss_reduction=run.text_loss_reduction)
     if run.vae_padding_mode is not None:
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, padding_mode=run.vae_padding_mode))
     model = VARGPT(cfg).to(run.device)
-    texts = shapes_corpus(und + single + gen + edi) if run.tokenizer == "bpe" else None
+    texts = shapes_corpus(und + single + gen + edi + caps) if run.tokenizer == "bpe" else None
     processor = shapes_processor(cfg, system_turn=run.system_turn, texts=texts)
 
     # 1. tokenizer, on the generation targets, the edited images and ``vae_scenes`` understanding images: with fixed
@@ -386,16 +394,18 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
     sampling = SAMPLING_CANDIDATES[0]
     stage3 = SHAPES_STAGES["stage3_llm" if run.stage3_llm_lr else "stage3"]
-    # with the LLM trainable, questions join the mix; edits and copies of their sources if asked for
+    # with the LLM trainable, questions join the mix; edits, captions and copies of the edits' sources if asked for
     questions = und[: run.stage3_questions] if run.stage3_llm_lr else []
     edits, copies = edi[: run.stage3_editing], copy_records(edi[: run.stage3_copies])
-    recs3 = gen + questions + edits + copies
-    _log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(questions)} questions, "
-              f"{len(edits)} edits, {len(copies)} copies)")
+    recs3 = gen + caps + questions + edits + copies
+    _log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(caps)} captions, "
+              f"{len(questions)} questions, {len(edits)} edits, {len(copies)} copies)")
     for name, schedule, steps in (("stage3a", LOW_RES, run.stage3a_steps), ("stage3c", FULL_RES, run.stage3c_steps)):
         _set_schedule(model, schedule)
         if name == "stage3c" and run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
-            losses = _sft(model, processor, gen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
+            # (the edits with captioned replies too: the decoder learns to draw what the reply names)
+            frozen = gen + caps + (edits if run.edit_reply == "caption" else [])
+            losses = _sft(model, processor, frozen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
                           "stage3c_frozen", monitor="generation", sampling=sampling)
             _log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} -> "
                       f"{_tail(losses):.3f}")
@@ -412,20 +422,22 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
             _save(model, processor, out / "post_dpo", sampling)
 
     # 5. editing
-    final = _finish(model, processor, gen, edi, und, run, out, sampling)
+    final = _finish(model, processor, gen, edi, und, run, out, sampling, caps)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
     return final
 
 
-def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sampling: ImageParams) -> Path:
+def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sampling: ImageParams,
+            caps=()) -> Path:
     """The recipe's last two steps: the editing SFT, then the final checkpoint's sampling defaults -> ``out/final``."""
     _set_schedule(model, FULL_RES)
     # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
     # generation only and its answers collapsed into edit replies, EVAL.md)
-    mix = edi + gen[: len(edi)] + (und[: len(edi)] if run.edit_llm else [])
+    mix = edi + list(caps) + gen[: len(edi)] + (und[: len(edi)] if run.edit_llm else [])
     stage = SHAPES_STAGES["edit" if run.edit_llm else "edit_frozen_llm"]
+    llm_rate = {"backbone.model.language_model": run.edit_llm_lr} if run.edit_llm and run.edit_llm_lr else None
     losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
-                  monitor="editing", sampling=sampling)
+                  monitor="editing", sampling=sampling, module_lr=llm_rate)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
     # model), so the final checkpoint's defaults are chosen again, the same way
@@ -458,12 +470,14 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     sampling = load_sampling_defaults(source)
     records = {name: load_records(run_dir / "data" / f"{name}.jsonl").records
                for name in ("understanding", "generation", "editing")}
+    captions = run_dir / "data" / "captions.jsonl"
+    caps = load_records(captions).records if run.n_captions and captions.exists() else []
     torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
     if start == "pre_dpo":  # (pre_dpo's config holds the full-resolution schedule)
         _dpo(model, processor, run, out, "stage3d", DPO_ROUND_SEEDS["stage3d"], sampling)
         _save(model, processor, out / "post_dpo", sampling)
     final = _finish(model, processor, records["generation"], records["editing"], records["understanding"], run, out,
-                    sampling)
+                    sampling, caps)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
     return final
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from vargpt.data.shapes import GEN_CATEGORIES
 from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES, check_question_kinds
+from vargpt.data.shapes.tasks import EDIT_REPLY_MODES
 
 __all__ = ["ShapesRunConfig", "LLM_MODULES"]
 
@@ -36,8 +37,22 @@ class ShapesRunConfig:
     # passed as often as in run 18 and pre-DPO generation fell 0.906 -> 0.849. 0: none (runs 1-18, 20-21)
     n_vertical: int = 0
     n_editing: int = 3000
+    # "fixed" (runs 1-21): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing scored 0 to 0.002 in
+    # every run: the decoder never learned to redraw the source from the LLM's states. "caption": the reply names
+    # the edited scene ("Here is a small red circle in the top left, ..."; ``build_split(edit_reply=...)``): the LLM
+    # writes the edit out in text, as it writes a description, and the decoder draws what the text says, as it
+    # draws a prompt. A probe from run 21's post_dpo (1,500 steps of the editing SFT with the LLM, the captions
+    # and these edits): editing 0.002 -> 0.092, its reply right for 0.23 of the suite's edits (EVAL.md "Probe
+    # before run 22")
+    edit_reply: str = "caption"
+    # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
+    # what an edit's reply names) in stage 3's mixes and the editing SFT's; 0: none (runs 1-21). In the probe
+    # (3,000 of them) the images read back as their reply for 0.45 of one-object edits but 0.04 of two-object and 0
+    # of three-object ones: the decoder draws a named cell for one object, not yet several
+    n_captions: int = 6000
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
-    stage2_editing: int = 1000
+    # runs 1-21: 1000; with ``edit_reply="caption"`` the LLM learns to write edits out here, with its questions
+    stage2_editing: int = 3000
     # ViT pre-training (``vargpt.train.shapes_vit``; 0 = none: the ViT learns in stage 2). Runs 11-15: 1000 (read-back
     # of the validation scenes from its tokens 0.998); runs 16-17: 600 (0.996), 1 min less
     vit_steps: int = 600
@@ -88,28 +103,33 @@ class ShapesRunConfig:
     # (0: none, runs 1-13). Probe B after run 12 took this path (1,600 frozen steps, then 1,000 with the LLM) and
     # reached 0.56 on its generation slice, where run 13's one schedule of 2,500 reached 0.47; run 14 (1,600 + 1,200):
     # pre-DPO generation 0.471 -> 0.569 over run 13, understanding held (EVAL.md)
-    stage3c_frozen_steps: int = 1600
+    # run 22: 2400, with the captions and the edits in that phase's mix as well as the generation records (runs 14-21:
+    # 1600 on the generation records alone)
+    stage3c_frozen_steps: int = 2400
     # editing records in stage 3a / 3c's mix (the first ``stage3_editing`` of the split) and copy records made from
     # the sources of the first ``stage3_copies`` (``copy_records``: "<image>Draw this image again." -> the source
     # image); 0: none (runs 1-13, where the decoder sees edits only in stage 2's mix and the editing SFT). In probes
     # from run 13's post_dpo, 1,000 edit-heavy steps took editing on 100 suite edits from 0 to 0.01, and to 0.03 with
     # copy records in the mix; in stage 3's own mix with 3,000 of each, 0 (an expected object in 16 of 100 outputs,
     # against 4) with generation held (EVAL.md "Probes after run 13"); untested in a full run
-    stage3_editing: int = 0
+    # (run 22, with ``edit_reply="caption"``: every edit, in the frozen phase of stage 3c too, with the captions)
+    stage3_editing: int = 3000
     stage3_copies: int = 0
     dpo_steps: int = 120  # runs 1-14 (in-run): 40
-    edit_steps: int = 100  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-17: 100
+    edit_steps: int = 1500  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
     # -0.006 (run 14), within the suite's spread, then -0.018, -0.017 and -0.017 (runs 18-20; in runs 19-20 about what
-    # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 (the shipped
-    # recipe: 1e-6) +0.006, and its editing scored 0.002, its first pass in a full run
-    edit_lr: float | None = 1e-6
-    # False (runs 8-15): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
+    # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 1e-6:
+    # +0.006, and its editing scored 0.002, its first pass in a full run. Run 22 (captioned replies, the LLM
+    # training too, generation and captions in the mix): 3e-4, the probe's
+    edit_lr: float | None = 3e-4
+    # False (runs 8-21): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
-    # the LLM trains too, with questions in the mix (run 7)
-    edit_llm: bool = False
+    # the LLM trains too, at ``edit_llm_lr``, with questions in the mix (run 7; run 22, which writes its edits out)
+    edit_llm: bool = True
+    edit_llm_lr: float | None = 1e-4  # the LLM's peak rate there with ``edit_llm`` (None: ``edit_lr``; run 7)
     batch_size: int = 16
     # the SFT phases' peak rate (the LLM's in stage 2: ``llm_lr``). At 1e-3 the LLM's answer-position heads saturate
     # on one image token (runs 1-11); in a probe the warm-up + 2,500 mixed steps at 3e-4 reached 0.86 on an
@@ -174,7 +194,7 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
         if self.gen_layout not in LAYOUTS:
             raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
-        for name in ("n_vertical", "vae_scenes"):
+        for name in ("n_vertical", "vae_scenes", "n_captions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
         if self.vae_scenes > self.n_understanding:
@@ -184,6 +204,11 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.multi_object_weight={self.multi_object_weight}: expected >= 1")
         if self.edit_lr is not None and not self.edit_lr > 0:
             raise ValueError(f"ShapesRunConfig.edit_lr={self.edit_lr}: expected None (= lr) or a positive rate")
+        if self.edit_llm_lr is not None and not self.edit_llm_lr > 0:
+            raise ValueError(f"ShapesRunConfig.edit_llm_lr={self.edit_llm_lr}: expected None (= edit_lr) or a "
+                             "positive rate")
+        if self.edit_reply not in EDIT_REPLY_MODES:
+            raise ValueError(f"ShapesRunConfig.edit_reply={self.edit_reply!r}: expected one of {EDIT_REPLY_MODES}")
         if self.llm_lr is not None and not self.llm_lr > 0:
             raise ValueError(f"ShapesRunConfig.llm_lr={self.llm_lr}: expected None (= lr) or a positive rate")
         if self.stage3_llm_lr is not None and not self.stage3_llm_lr > 0:
@@ -227,5 +252,5 @@ class ShapesRunConfig:
         return cls(n_understanding=64, n_single=16, n_generation=64, n_editing=32, stage2_generation=32,
                    stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
-                   stage3c_frozen_steps=2,
+                   stage3c_frozen_steps=2, n_captions=16, stage3_editing=16,
                    dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)

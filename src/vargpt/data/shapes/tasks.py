@@ -6,7 +6,10 @@ training code runs on Shapes and on real data.
 * understanding: user ``<image>{question}``, assistant ``{answer}`` (and, for a warm-up phase, the same over
   one-object scenes: ``understanding_single.jsonl``);
 * generation: user = the prompt wrapped in a varied instruction, assistant = a short sentence + ``<image_gen>``;
-* editing: user ``<image>{instruction}``, assistant = a short sentence + ``<image_gen>``; images = [source, target].
+* editing: user ``<image>{instruction}``, assistant = a short sentence + ``<image_gen>``; images = [source, target]
+  (``edit_reply="caption"``: the sentence names the edited scene, ``EDIT_PLAN_REPLY``);
+* captions (``n_captions``): user = the canonical caption of a random scene wrapped in a varied instruction,
+  assistant = ``EDIT_PLAN_REPLY`` + ``<image_gen>`` -- the scenes an edit's reply names, drawn from their caption.
 
 Evaluation scenes are drawn first from their own seed; training scenes whose read-back key equals an evaluation
 scene's are rejected, so the scenes behind evaluation questions and edits are never seen in training.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vargpt.data.shapes.grammar import (
@@ -25,6 +28,7 @@ from vargpt.data.shapes.grammar import (
     GEN_CATEGORIES,
     QUESTION_KINDS,
     GenPrompt,
+    caption,
     check_question_kinds,
     sample_edit,
     sample_gen_prompt,
@@ -33,13 +37,18 @@ from vargpt.data.shapes.grammar import (
 )
 from vargpt.data.shapes.world import Scene, random_scene, render
 
-__all__ = ["GEN_WRAPPERS", "GEN_REPLIES", "EDIT_REPLIES", "wrap_prompt", "build_split", "SplitPaths",
-           "eval_scenes"]
+__all__ = ["GEN_WRAPPERS", "GEN_REPLIES", "EDIT_REPLIES", "EDIT_PLAN_REPLY", "EDIT_REPLY_MODES", "wrap_prompt",
+           "build_split", "SplitPaths", "eval_scenes"]
 
 GEN_WRAPPERS = ("{p}", "Draw {p}.", "Please create an image of {p}.", "Can you depict {p}?",
                 "I need a picture of {p}.", "Generate {p}.")
 GEN_REPLIES = ("Here is {p}.", "I have drawn {p}.", "Here is an image of {p}.")
 EDIT_REPLIES = ("Here is the edited image.", "Done.", "The output image is:")
+#: ``build_split(edit_reply="caption")``: the reply of an edit (and of a caption record) names the scene it draws, in
+#: the canonical caption's words (SHAPES.md "Describe the image."), so that the LLM writes the edit out in text and
+#: the decoder draws what the text says.
+EDIT_PLAN_REPLY = "Here is {caption}."
+EDIT_REPLY_MODES = ("fixed", "caption")
 
 
 def wrap_prompt(rng: random.Random, prompt: GenPrompt) -> tuple[str, str]:
@@ -53,6 +62,7 @@ class SplitPaths:
     generation: Path
     editing: Path
     understanding_single: Path | None = None  # one-object scenes (``n_single`` > 0)
+    captions: Path | None = None  # caption-to-image records (``n_captions`` > 0)
 
 
 def eval_scenes(seed: int, n: int) -> list[Scene]:
@@ -79,7 +89,7 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_generation: int, n_editing: int,
                 exclude: Iterable[Scene] = (), gen_categories: tuple[str, ...] = GEN_CATEGORIES,
                 n_single: int = 0, gen_layout: str = "random", multi_object_kinds: Iterable[str] = (),
-                n_vertical: int = 0) -> SplitPaths:
+                n_vertical: int = 0, edit_reply: str = "fixed", n_captions: int = 0) -> SplitPaths:
     """Render a training split into ``out_dir`` (``images/``, ``understanding.jsonl``, ``generation.jsonl``,
     ``editing.jsonl`` and, when ``n_single`` > 0, ``understanding_single.jsonl`` of questions about one-object
     scenes; image paths are relative to ``out_dir``). ``gen_layout``: the ``layout`` of ``scene_for_prompt`` for
@@ -88,9 +98,18 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
     scene is not enough (empty: every kind about scenes of 1-3 objects, and the same records as before the option
     existed). ``n_vertical``: position records whose relation is "above" or "below" (alternately), added to the
     ``n_generation`` generation records (images ``v*.png``); they are drawn after every other record, so the rest of
-    the split is the same as without them."""
-    if n_vertical < 0:
-        raise ValueError(f"build_split(n_vertical={n_vertical}): expected >= 0")
+    the split is the same as without them.
+
+    ``edit_reply``: "fixed" (one of ``EDIT_REPLIES``) or "caption": the reply names the edited scene
+    (``EDIT_PLAN_REPLY``) and the target is rendered without jitter, a function of that caption as the generation
+    targets of ``gen_layout="fixed"`` are of their prompt (the draw of the fixed reply is made either way, so the
+    other records stay the same). ``n_captions``: caption-to-image records (``captions.jsonl``, images ``c*.png``):
+    random scenes of 1-3 objects, jitter-free, drawn from their canonical caption (after every other record)."""
+    for name, value in (("n_vertical", n_vertical), ("n_captions", n_captions)):
+        if value < 0:
+            raise ValueError(f"build_split({name}={value}): expected >= 0")
+    if edit_reply not in EDIT_REPLY_MODES:
+        raise ValueError(f"build_split(edit_reply={edit_reply!r}): expected one of {EDIT_REPLY_MODES}")
     multi_object_kinds = check_question_kinds(multi_object_kinds, "build_split(multi_object_kinds=...)")
     out = Path(out_dir)
     rng = random.Random(seed)
@@ -139,13 +158,32 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
             if r:
                 break
         e, target = r
+        reply = rng.choice(EDIT_REPLIES)
+        if edit_reply == "caption":
+            target = _still(target)
+            reply = EDIT_PLAN_REPLY.format(caption=caption(target))
         src = _save(render(scene), out / "images" / f"e{i:06d}_src.png")
         tgt = _save(render(target), out / "images" / f"e{i:06d}_tgt.png")
         edit.append({"messages": [{"role": "user", "content": f"<image>{e.text}"},
-                                  {"role": "assistant", "content": f"{rng.choice(EDIT_REPLIES)}<image_gen>"}],
+                                  {"role": "assistant", "content": f"{reply}<image_gen>"}],
                      "images": [src, tgt], "meta": {"kind": e.kind}})
     single = _write_jsonl(out / "understanding_single.jsonl", questions(n_single, "s", 1)) if n_single else None
     gen += [generation(sample_gen_prompt(rng, "position", relations=(("above", "below")[i % 2],)), f"v{i:06d}")
             for i in range(n_vertical)]
+    caps = []
+    for i in range(n_captions):
+        scene = _still(fresh_scene())
+        text = caption(scene)
+        path = _save(render(scene), out / "images" / f"c{i:06d}.png")
+        reply = EDIT_PLAN_REPLY.format(caption=text)
+        caps.append({"messages": [{"role": "user", "content": rng.choice(GEN_WRAPPERS).format(p=text)},
+                                  {"role": "assistant", "content": f"{reply}<image_gen>"}],
+                     "images": [path], "meta": {"category": "caption", "prompt": text}})
+    captions = _write_jsonl(out / "captions.jsonl", caps) if n_captions else None
     return SplitPaths(_write_jsonl(out / "understanding.jsonl", und), _write_jsonl(out / "generation.jsonl", gen),
-                      _write_jsonl(out / "editing.jsonl", edit), single)
+                      _write_jsonl(out / "editing.jsonl", edit), single, captions)
+
+
+def _still(scene: Scene) -> Scene:
+    """``scene`` without jitter (every object centred in its cell)."""
+    return Scene(tuple(replace(o, jitter=(0, 0)) for o in scene.objects))
