@@ -280,6 +280,13 @@ def test_captioned_edit_replies_name_the_edited_scene_and_captions_draw_their_te
         assert text in r["messages"][0]["content"] and r["messages"][1]["content"] == f"Here is {text}.<image_gen>"
         drawn = Scene(tuple(Obj(*k) for k in parse_caption(text)))
         assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / r["images"][0])), np.asarray(render(drawn)))
+    # ``exclude_captions``: scenes no caption record draws; the rest of the split stays the same
+    shown = [Scene(tuple(Obj(*k) for k in parse_caption(r["meta"]["prompt"]))) for r in caps[:4]]
+    other = build_split(tmp_path / "c", **kw, edit_reply="caption", n_captions=10, exclude_captions=shown)
+    for name in ("understanding", "generation", "editing"):
+        assert getattr(planned, name).read_text() == getattr(other, name).read_text()
+    keys = {parse_caption(json.loads(line)["meta"]["prompt"]) for line in other.captions.read_text().splitlines()}
+    assert len(keys) == 10 and not keys & {s.key() for s in shown}
     with pytest.raises(ValueError, match="edit_reply='plan'"):
         build_split(tmp_path / "x", **kw, edit_reply="plan")
     with pytest.raises(ValueError, match="n_captions=-1"):

@@ -175,12 +175,12 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
-    assert ShapesRunConfig().edit_llm is True  # run 22 (runs 8-21: False)
+    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-21; run 22: True)
     # the True case also sets edit_lr and a stage-2 curriculum (llm_lr, stage3_llm_lr, dpo_bsc: the defaults, 3e-4,
     # 1e-4 and 0; quick()'s 2 stage3c_frozen_steps), the False case edit_lr=None, llm_lr=None, stage3_llm_lr=None,
     # stage3c_frozen_steps=0 and dpo_bsc=None (one quick run per case covers these)
     options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_editing=8,
-                    stage3_copies=5) if edit_llm
+                    stage3_copies=5, edit_reply="caption", n_captions=16) if edit_llm
                else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None, stage3c_frozen_steps=0, dpo_bsc=None,
                          edit_reply="fixed", n_captions=0, stage3_editing=0))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
@@ -189,10 +189,10 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     kept = all(torch.equal(before[k], after[k]) for k in llm)
     assert llm and kept == (not edit_llm)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    # ``edit_lr``: the editing SFT at its own rate (3e-4 since run 22; run 21: 1e-6); None: at ``lr``, as stage 3c
+    # ``edit_lr``: the editing SFT at its own rate (the shipped recipe: 1e-6, run 21); None: at ``lr``, as stage 3c
     peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
             for phase in ("edit", "stage3c")}
-    assert ShapesRunConfig().edit_lr == 3e-4 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
+    assert ShapesRunConfig().edit_lr == 1e-6 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
     if edit_llm:
         assert peak["edit"] <= 1e-4 < peak["stage3c"]
     else:
@@ -213,7 +213,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     for phase in ("stage3a", "stage3c"):
         assert peak_rates(phase) == ({lr, 1e-4} if edit_llm else {lr})
     # ``stage3c_frozen_steps``: a stage-3c phase of the decoder and the projectors alone before it, own schedule
-    assert ShapesRunConfig().stage3c_frozen_steps == 2400  # run 22 (runs 14-21: 1600)
+    assert ShapesRunConfig().stage3c_frozen_steps == 1600  # runs 14-21 (run 22: 2400)
     if edit_llm:
         assert peak_rates("stage3c_frozen") == {lr}
         frozen = [json.loads(line) for line in (tmp_path / "run" / "stage3c_frozen" / "log.jsonl").open()]
@@ -408,8 +408,8 @@ def test_copy_records_show_the_source_and_ask_for_it_again(tmp_path) -> None:
     from vargpt.data.shapes.tasks import build_split
     from vargpt.train.shapes import COPY_INSTRUCTION, ShapesRunConfig, copy_records
 
-    # run 22: every edit in stage 3's mix (runs 1-21: none); no copy records in any full run
-    assert (ShapesRunConfig().stage3_editing, ShapesRunConfig().stage3_copies) == (3000, 0)
+    # the shipped recipe: none in stage 3's mix (run 22: every edit); no copy records in any full run
+    assert (ShapesRunConfig().stage3_editing, ShapesRunConfig().stage3_copies) == (0, 0)
     with pytest.raises(ValueError, match="stage3_copies=-1"):
         ShapesRunConfig(stage3_copies=-1)
     split = build_split(tmp_path, seed=0, n_understanding=0, n_generation=0, n_editing=3)

@@ -330,13 +330,15 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
 
     # 0. data (held-out evaluation scenes excluded)
     held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in editing_items()]
-    # (the edited scenes too: a caption record of one would show the decoder an answer of the editing suite)
-    held_out += [it["target"] for it in editing_items()] + eval_scenes(EVAL_SEED, 10)
+    held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
+    # no caption record of an edited scene of the suite: it would show the decoder an answer (run 22 excluded these
+    # from the whole split, which changed its other records from run 21's)
     split = build_split(out / "data", seed=run.seed + 1, n_understanding=run.n_understanding,
                         n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
                         n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories(),
                         multi_object_kinds=run.multi_object_questions, n_vertical=run.n_vertical,
-                        edit_reply=run.edit_reply, n_captions=run.n_captions)
+                        edit_reply=run.edit_reply, n_captions=run.n_captions,
+                        exclude_captions=[it["target"] for it in editing_items()])
     und = load_records(split.understanding).records
     single = load_records(split.understanding_single).records if split.understanding_single else []
     gen = load_records(split.generation).records

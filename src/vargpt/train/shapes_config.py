@@ -1,7 +1,9 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe (run 21, in one
-go: ``vargpt train shapes --out DIR`` with these defaults, 42.6 min on this machine on 2026-12-06, when it ran about
-1.9x as fast as for run 18's 81.8 min); what each option did in the runs that tried it is in EVAL.md."""
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 21's recipe (in one go: ``vargpt train
+shapes --out DIR`` with these defaults, 42.6 min on this machine on 2026-12-06, when it ran about 1.9x as fast as for
+run 18's 81.8 min); the shipped model is run 21 followed by 3,000 steps of the editing SFT with captioned replies
+(``scripts/shapes_caption_edits.py``, 20 min; EVAL.md "Run 22 and the shipped model"). What each option did in the
+runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
@@ -37,22 +39,22 @@ class ShapesRunConfig:
     # passed as often as in run 18 and pre-DPO generation fell 0.906 -> 0.849. 0: none (runs 1-18, 20-21)
     n_vertical: int = 0
     n_editing: int = 3000
-    # "fixed" (runs 1-21): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing scored 0 to 0.002 in
-    # every run: the decoder never learned to redraw the source from the LLM's states. "caption": the reply names
-    # the edited scene ("Here is a small red circle in the top left, ..."; ``build_split(edit_reply=...)``): the LLM
-    # writes the edit out in text, as it writes a description, and the decoder draws what the text says, as it
-    # draws a prompt. A probe from run 21's post_dpo (1,500 steps of the editing SFT with the LLM, the captions
-    # and these edits): editing 0.002 -> 0.092, its reply right for 0.23 of the suite's edits (EVAL.md "Probe
-    # before run 22")
-    edit_reply: str = "caption"
+    # "fixed" (runs 1-21, the shipped recipe): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing
+    # scored 0 to 0.002 in every run: the decoder never learned to redraw the source from the LLM's states.
+    # "caption" (run 22): the reply names the edited scene ("Here is a small red circle in the top left, ...";
+    # ``build_split(edit_reply=...)``): the LLM writes the edit out in text, as it writes a description, and the
+    # decoder draws what the text says, as it draws a prompt. From run 21's post_dpo, 3,000 steps of the editing SFT
+    # with the LLM on such edits and captions: editing 0.002 -> 0.144 (EVAL.md "Probe before run 22"); run 22 (with
+    # every run-22 value below): editing 0.146, generation 0.842 with position 0.590 (EVAL.md run 22)
+    edit_reply: str = "fixed"
     # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
-    # what an edit's reply names) in stage 3's mixes and the editing SFT's; 0: none (runs 1-21). In the probe
-    # (3,000 of them) the images read back as their reply for 0.45 of one-object edits but 0.04 of two-object and 0
-    # of three-object ones: the decoder draws a named cell for one object, not yet several
-    n_captions: int = 6000
+    # what an edit's reply names) in stage 3's mixes and the editing SFT's; 0: none (runs 1-21; run 22: 6000). In the
+    # probe (3,000 of them) the images read back as their reply for 0.45 of one-object edits but 0.04 of two-object
+    # and 0 of three-object ones: the decoder draws a named cell for one object, not yet several
+    n_captions: int = 0
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
-    # runs 1-21: 1000; with ``edit_reply="caption"`` the LLM learns to write edits out here, with its questions
-    stage2_editing: int = 3000
+    # run 22: 3000, where with ``edit_reply="caption"`` the LLM learns to write edits out, with its questions
+    stage2_editing: int = 1000
     # ViT pre-training (``vargpt.train.shapes_vit``; 0 = none: the ViT learns in stage 2). Runs 11-15: 1000 (read-back
     # of the validation scenes from its tokens 0.998); runs 16-17: 600 (0.996), 1 min less
     vit_steps: int = 600
@@ -105,30 +107,31 @@ class ShapesRunConfig:
     # pre-DPO generation 0.471 -> 0.569 over run 13, understanding held (EVAL.md)
     # run 22: 2400, with the captions and the edits in that phase's mix as well as the generation records (runs 14-21:
     # 1600 on the generation records alone)
-    stage3c_frozen_steps: int = 2400
+    stage3c_frozen_steps: int = 1600
     # editing records in stage 3a / 3c's mix (the first ``stage3_editing`` of the split) and copy records made from
     # the sources of the first ``stage3_copies`` (``copy_records``: "<image>Draw this image again." -> the source
     # image); 0: none (runs 1-13, where the decoder sees edits only in stage 2's mix and the editing SFT). In probes
     # from run 13's post_dpo, 1,000 edit-heavy steps took editing on 100 suite edits from 0 to 0.01, and to 0.03 with
     # copy records in the mix; in stage 3's own mix with 3,000 of each, 0 (an expected object in 16 of 100 outputs,
     # against 4) with generation held (EVAL.md "Probes after run 13"); untested in a full run
-    # (run 22, with ``edit_reply="caption"``: every edit, in the frozen phase of stage 3c too, with the captions)
-    stage3_editing: int = 3000
+    # (run 22, with ``edit_reply="caption"``: 3000, every edit, in the frozen phase of stage 3c too, with the
+    # captions)
+    stage3_editing: int = 0
     stage3_copies: int = 0
     dpo_steps: int = 120  # runs 1-14 (in-run): 40
-    edit_steps: int = 1500  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100
+    edit_steps: int = 100  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
     # -0.006 (run 14), within the suite's spread, then -0.018, -0.017 and -0.017 (runs 18-20; in runs 19-20 about what
     # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 1e-6:
-    # +0.006, and its editing scored 0.002, its first pass in a full run. Run 22 (captioned replies, the LLM
-    # training too, generation and captions in the mix): 3e-4, the probe's
-    edit_lr: float | None = 3e-4
+    # +0.006, and its editing scored 0.002, its first pass in a full run (the shipped recipe). Run 22 (captioned
+    # replies, the LLM training too, generation and captions in the mix): 3e-4, the probe's
+    edit_lr: float | None = 1e-6
     # False (runs 8-21): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
     # the LLM trains too, at ``edit_llm_lr``, with questions in the mix (run 7; run 22, which writes its edits out)
-    edit_llm: bool = True
+    edit_llm: bool = False
     edit_llm_lr: float | None = 1e-4  # the LLM's peak rate there with ``edit_llm`` (None: ``edit_lr``; run 7)
     batch_size: int = 16
     # the SFT phases' peak rate (the LLM's in stage 2: ``llm_lr``). At 1e-3 the LLM's answer-position heads saturate
@@ -252,5 +255,5 @@ class ShapesRunConfig:
         return cls(n_understanding=64, n_single=16, n_generation=64, n_editing=32, stage2_generation=32,
                    stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
-                   stage3c_frozen_steps=2, n_captions=16, stage3_editing=16,
+                   stage3c_frozen_steps=2,
                    dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)

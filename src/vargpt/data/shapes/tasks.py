@@ -89,7 +89,8 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_generation: int, n_editing: int,
                 exclude: Iterable[Scene] = (), gen_categories: tuple[str, ...] = GEN_CATEGORIES,
                 n_single: int = 0, gen_layout: str = "random", multi_object_kinds: Iterable[str] = (),
-                n_vertical: int = 0, edit_reply: str = "fixed", n_captions: int = 0) -> SplitPaths:
+                n_vertical: int = 0, edit_reply: str = "fixed", n_captions: int = 0,
+                exclude_captions: Iterable[Scene] = ()) -> SplitPaths:
     """Render a training split into ``out_dir`` (``images/``, ``understanding.jsonl``, ``generation.jsonl``,
     ``editing.jsonl`` and, when ``n_single`` > 0, ``understanding_single.jsonl`` of questions about one-object
     scenes; image paths are relative to ``out_dir``). ``gen_layout``: the ``layout`` of ``scene_for_prompt`` for
@@ -104,7 +105,10 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
     (``EDIT_PLAN_REPLY``) and the target is rendered without jitter, a function of that caption as the generation
     targets of ``gen_layout="fixed"`` are of their prompt (the draw of the fixed reply is made either way, so the
     other records stay the same). ``n_captions``: caption-to-image records (``captions.jsonl``, images ``c*.png``):
-    random scenes of 1-3 objects, jitter-free, drawn from their canonical caption (after every other record)."""
+    random scenes of 1-3 objects, jitter-free, drawn from their canonical caption (after every other record), none
+    of them one of ``exclude`` or ``exclude_captions`` (e.g. the edited scenes of the editing suite, whose caption
+    record would show the decoder an answer; excluded from these records only, so the rest of the split stays the
+    same)."""
     for name, value in (("n_vertical", n_vertical), ("n_captions", n_captions)):
         if value < 0:
             raise ValueError(f"build_split({name}={value}): expected >= 0")
@@ -171,6 +175,7 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
     gen += [generation(sample_gen_prompt(rng, "position", relations=(("above", "below")[i % 2],)), f"v{i:06d}")
             for i in range(n_vertical)]
     caps = []
+    banned |= {s.key() for s in exclude_captions}
     for i in range(n_captions):
         scene = _still(fresh_scene())
         text = caption(scene)

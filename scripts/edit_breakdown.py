@@ -1,0 +1,29 @@
+"""The two halves of the editing suite's score, from its JSON (``vargpt eval shapes --suite editing``): how often
+the model's reply names the expected scene, how often the image reads back as the scene its reply names, the pass
+rate where the reply is right, and the pass rate by the number of objects in the edited scene (EVAL.md run 22).
+
+usage: python scripts/edit_breakdown.py runs/evalP_final/editing.json
+"""
+
+import json
+import sys
+from collections import Counter
+
+from vargpt.data.shapes.grammar import parse_caption
+
+items = json.loads(open(sys.argv[1]).read())["items"]
+n = len(items)
+right = drawn = right_and_pass = 0
+by_count, passed = Counter(), Counter()
+for it in items:
+    reply = it.get("reply", "")
+    named = parse_caption(reply.removeprefix("Here is ").removesuffix(".")) if reply.startswith("Here is ") else None
+    expected = parse_caption(it["expected"])
+    right += named == expected
+    drawn += named is not None and parse_caption(it["read"]) == named
+    right_and_pass += named == expected and it["pass"]
+    by_count[len(expected)] += 1
+    passed[len(expected)] += it["pass"]
+by_objects = {k: round(passed[k] / by_count[k], 3) for k in sorted(by_count)}
+print(f"reply names the expected scene {right / n:.3f}; image reads back as its reply {drawn / n:.3f}; "
+      f"pass given a right reply {right_and_pass / max(right, 1):.3f}; pass by objects {by_objects}")
