@@ -242,6 +242,7 @@ def edit(
         encs = [engine.processor.encode([{"role": "user", "content": [
             {"type": "image", "image": _open_image(Path(r["image"]), f"{edits_file}:{r['_line']}: ")},
             {"type": "text", "text": r["instruction"]}]}]) for r in chunk]
+        engine.write_replies(encs)  # the model's reply before each image, as ``Engine.edit`` writes it
         imgs = engine.generate_images(encs, params, seeds=[seed + i + k for k in range(len(chunk))])
         for k, img in enumerate(imgs):
             path = out_dir / f"{i + k:05d}.png"
