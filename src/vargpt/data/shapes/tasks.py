@@ -102,9 +102,9 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
     the split is the same as without them.
 
     ``edit_reply``: "fixed" (one of ``EDIT_REPLIES``) or "caption": the reply names the edited scene
-    (``EDIT_PLAN_REPLY``) and the target is rendered without jitter, a function of that caption as the generation
-    targets of ``gen_layout="fixed"`` are of their prompt (the draw of the fixed reply is made either way, so the
-    other records stay the same). ``n_captions``: caption-to-image records (``captions.jsonl``, images ``c*.png``):
+    (``EDIT_PLAN_REPLY``); the images are the same either way (the draw of the fixed reply is made either way too,
+    so every other record stays the same; run 22 drew its edited images without jitter, which changed the
+    tokenizer's training images). ``n_captions``: caption-to-image records (``captions.jsonl``, images ``c*.png``):
     random scenes of 1-3 objects, jitter-free, drawn from their canonical caption (after every other record), none
     of them one of ``exclude`` or ``exclude_captions`` (e.g. the edited scenes of the editing suite, whose caption
     record would show the decoder an answer; excluded from these records only, so the rest of the split stays the
@@ -164,7 +164,6 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
         e, target = r
         reply = rng.choice(EDIT_REPLIES)
         if edit_reply == "caption":
-            target = _still(target)
             reply = EDIT_PLAN_REPLY.format(caption=caption(target))
         src = _save(render(scene), out / "images" / f"e{i:06d}_src.png")
         tgt = _save(render(target), out / "images" / f"e{i:06d}_tgt.png")
