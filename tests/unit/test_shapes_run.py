@@ -180,7 +180,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     # 1e-4 and 0; quick()'s 2 stage3c_frozen_steps), the False case edit_lr=None, llm_lr=None, stage3_llm_lr=None,
     # stage3c_frozen_steps=0 and dpo_bsc=None (one quick run per case covers these)
     options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_editing=8,
-                    stage3_copies=5, edit_reply="caption", n_captions=16) if edit_llm
+                    stage3_copies=5, edit_reply="caption", n_captions=16, stage3_captions=16) if edit_llm
                else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None, stage3c_frozen_steps=0, dpo_bsc=None,
                          edit_reply="fixed", n_captions=0, stage3_editing=0))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))

@@ -26,10 +26,11 @@ the stages that officially start from pretrained parts also train those parts he
    mix, as in runs 7 and 22; its own learning rate with ``edit_lr``, run 9); then the final checkpoint's sampling
    defaults are chosen again the same way.
 
-Edits (``edit_reply="caption"``, run 22): an edit's reply names the edited scene in the words of a description
+Edits (``edit_reply="caption"``, runs 22-23): an edit's reply names the edited scene in the words of a description
 ("Here is a small red circle in the top left, ..."), and caption records (``n_captions``) teach the decoder to
-draw such a text; the LLM learns to write the edit out in stage 2's mix (every edit), stage 3 and the editing SFT,
-and the decoder to draw it in stage 3c (the frozen phase too) and the editing SFT.
+draw such a text; the LLM learns to write the edit out in stage 2's mix (``stage2_editing`` edits) and the editing
+SFT (with ``edit_llm``), and, with ``stage3_editing`` / ``stage3_captions``, the decoder learns to draw it in stage
+3 too (the frozen phase of stage 3c included; run 22).
 
 The generation targets are a function of their prompt (``gen_layout="fixed"``, ``scene_for_prompt``): what a prompt
 leaves open of the cells, the size and the colours is fixed, and there is no jitter, because the bitwise head samples
@@ -399,14 +400,15 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     # with the LLM trainable, questions join the mix; edits, captions and copies of the edits' sources if asked for
     questions = und[: run.stage3_questions] if run.stage3_llm_lr else []
     edits, copies = edi[: run.stage3_editing], copy_records(edi[: run.stage3_copies])
-    recs3 = gen + caps + questions + edits + copies
-    _log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(caps)} captions, "
+    caps3 = caps[: run.stage3_captions]
+    recs3 = gen + caps3 + questions + edits + copies
+    _log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(caps3)} captions, "
               f"{len(questions)} questions, {len(edits)} edits, {len(copies)} copies)")
     for name, schedule, steps in (("stage3a", LOW_RES, run.stage3a_steps), ("stage3c", FULL_RES, run.stage3c_steps)):
         _set_schedule(model, schedule)
         if name == "stage3c" and run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
             # (the edits with captioned replies too: the decoder learns to draw what the reply names)
-            frozen = gen + caps + (edits if run.edit_reply == "caption" else [])
+            frozen = gen + caps3 + (edits if run.edit_reply == "caption" else [])
             losses = _sft(model, processor, frozen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
                           "stage3c_frozen", monitor="generation", sampling=sampling)
             _log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} -> "

@@ -52,6 +52,10 @@ class ShapesRunConfig:
     # probe (3,000 of them) the images read back as their reply for 0.45 of one-object edits but 0.04 of two-object
     # and 0 of three-object ones: the decoder draws a named cell for one object, not yet several
     n_captions: int = 0
+    # the first this many caption records in stage 3's mixes (the frozen phase of stage 3c included); the editing SFT
+    # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
+    # 0.842, position 0.590); 0: none (runs 1-21, 23)
+    stage3_captions: int = 0
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
     # run 22: 3000, where with ``edit_reply="caption"`` the LLM learns to write edits out, with its questions
     stage2_editing: int = 1000
@@ -197,7 +201,7 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
         if self.gen_layout not in LAYOUTS:
             raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
-        for name in ("n_vertical", "vae_scenes", "n_captions"):
+        for name in ("n_vertical", "vae_scenes", "n_captions", "stage3_captions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
         if self.vae_scenes > self.n_understanding:
