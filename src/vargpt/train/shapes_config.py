@@ -44,13 +44,14 @@ class ShapesRunConfig:
     # "caption" (run 22): the reply names the edited scene ("Here is a small red circle in the top left, ...";
     # ``build_split(edit_reply=...)``): the LLM writes the edit out in text, as it writes a description, and the
     # decoder draws what the text says, as it draws a prompt. From run 21's post_dpo, 3,000 steps of the editing SFT
-    # with the LLM on such edits and captions: editing 0.002 -> 0.144 (EVAL.md "Probe before run 22"); run 22 (with
-    # every run-22 value below): editing 0.146, generation 0.842 with position 0.590 (EVAL.md run 22)
+    # with the LLM on such edits and captions: editing 0.002 -> 0.144, the shipped model; run 22 (with every run-22
+    # value below): editing 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the shipped model")
     edit_reply: str = "fixed"
     # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
-    # what an edit's reply names) in stage 3's mixes and the editing SFT's; 0: none (runs 1-21; run 22: 6000). In the
-    # probe (3,000 of them) the images read back as their reply for 0.45 of one-object edits but 0.04 of two-object
-    # and 0 of three-object ones: the decoder draws a named cell for one object, not yet several
+    # what an edit's reply names) in the editing SFT's mix (and, ``stage3_captions``, stage 3's); 0: none (runs 1-21;
+    # run 22: 6000). In the shipped model's editing SFT (3,000 of them) the images read back as their reply for 0.455
+    # of one-object edits but 0.031 of two-object and 0 of three-object ones: the decoder draws a named cell for one
+    # object, not yet several
     n_captions: int = 0
     # the first this many caption records in stage 3's mixes (the frozen phase of stage 3c included); the editing SFT
     # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
