@@ -175,7 +175,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
-    assert ShapesRunConfig().edit_llm is False  # the shipped recipe (runs 8-21; run 22: True)
+    assert ShapesRunConfig().edit_llm is True  # the shipped recipe (runs 22-23; runs 8-21: False)
     # the True case also sets edit_lr and a stage-2 curriculum (llm_lr, stage3_llm_lr, dpo_bsc: the defaults, 3e-4,
     # 1e-4 and 0; quick()'s 2 stage3c_frozen_steps), the False case edit_lr=None, llm_lr=None, stage3_llm_lr=None,
     # stage3c_frozen_steps=0 and dpo_bsc=None (one quick run per case covers these)
@@ -189,10 +189,11 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     kept = all(torch.equal(before[k], after[k]) for k in llm)
     assert llm and kept == (not edit_llm)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    # ``edit_lr``: the editing SFT at its own rate (the shipped recipe: 1e-6, run 21); None: at ``lr``, as stage 3c
+    # ``edit_lr``: the editing SFT at its own rate (the shipped recipe: 3e-4, run 23; run 21: 1e-6); None: at ``lr``,
+    # as stage 3c
     peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
             for phase in ("edit", "stage3c")}
-    assert ShapesRunConfig().edit_lr == 1e-6 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
+    assert ShapesRunConfig().edit_lr == 3e-4 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
     if edit_llm:
         assert peak["edit"] <= 1e-4 < peak["stage3c"]
     else:

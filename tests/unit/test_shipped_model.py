@@ -35,17 +35,17 @@ def test_the_shipped_checkpoint_is_ours_small_and_the_default(engine) -> None:
     assert engine.compat == "native"
     # default sampling settings: those the training run chose on validation prompts (EVAL.md), shipped with it
     assert (SHIPPED_CHECKPOINT / IMAGE_CONFIG_FILE).is_file() and engine.sampling in SAMPLING_CANDIDATES
-    assert engine.sampling != SAMPLING_CANDIDATES[0]  # chosen on validation prompts: CFG 1.5 / tau 1.0 (run 21)
+    assert engine.sampling != SAMPLING_CANDIDATES[0]  # chosen on validation prompts: CFG 1.5 / tau 1.0 (runs 21, 23)
 
 
 @pytest.mark.parametrize(
     ("suite", "limit", "floor"),
     [
-        ("tokenizer", 20, 0.85),  # 60 scenes; measured 0.914 (full suite 0.957; run 21's tokenizer is run 18's)
-        ("understanding", 8, 0.72),  # 48 questions; measured 0.854 (full suite 0.886)
-        ("generation", 10, 0.80),  # 80 prompts, the checkpoint's sampling defaults; measured 0.900 (full suite 0.906)
-        # 40 edits, the model's own replies; measured 0.175 (full suite 0.144; run 21 before the captioned editing
-        # SFT: 0.002, and 0 on this slice)
+        ("tokenizer", 20, 0.85),  # 60 scenes; measured 0.914 (full suite 0.957; run 23's tokenizer is run 18's)
+        ("understanding", 8, 0.72),  # 48 questions; measured 0.875 (full suite 0.899)
+        ("generation", 10, 0.80),  # 80 prompts, the checkpoint's sampling defaults; measured 0.900 (full suite 0.911)
+        # 40 edits, the model's own replies; measured 0.200 (full suite 0.198; run 21, without captioned edit replies:
+        # 0.002, and 0 on this slice)
         ("editing", 10, 0.10),
     ],
 )

@@ -1,9 +1,8 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 21's recipe (in one go: ``vargpt train
-shapes --out DIR`` with these defaults, 42.6 min on this machine on 2026-12-06, when it ran about 1.9x as fast as for
-run 18's 81.8 min); the shipped model is run 21 followed by 3,000 steps of the editing SFT with captioned replies
-(``scripts/shapes_caption_edits.py``, 20 min; EVAL.md "Run 22 and the shipped model"). What each option did in the
-runs that tried it is in EVAL.md."""
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 23's recipe, the shipped model, in one
+go: ``vargpt train shapes --out DIR`` with these defaults took 63.4 min on this machine on 2026-12-06, when it ran
+about 1.9x as fast as for run 18's 81.8 min (EVAL.md "Run 23: the shipped model from one command"). What each option
+did in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
@@ -39,20 +38,21 @@ class ShapesRunConfig:
     # passed as often as in run 18 and pre-DPO generation fell 0.906 -> 0.849. 0: none (runs 1-18, 20-21)
     n_vertical: int = 0
     n_editing: int = 3000
-    # "fixed" (runs 1-21, the shipped recipe): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing
+    # "fixed" (runs 1-21): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing
     # scored 0 to 0.002 in every run: the decoder never learned to redraw the source from the LLM's states.
     # "caption" (run 22): the reply names the edited scene ("Here is a small red circle in the top left, ...";
     # ``build_split(edit_reply=...)``): the LLM writes the edit out in text, as it writes a description, and the
     # decoder draws what the text says, as it draws a prompt. From run 21's post_dpo, 3,000 steps of the editing SFT
-    # with the LLM on such edits and captions: editing 0.002 -> 0.144, the shipped model; run 22 (with every run-22
-    # value below): editing 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the shipped model")
-    edit_reply: str = "fixed"
+    # with the LLM on such edits and captions: editing 0.002 -> 0.144; run 22 (with every run-22 value below): editing
+    # 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the shipped model"); run 23 (the shipped
+    # recipe: captions and edits in the editing SFT only): editing 0.198, generation 0.911
+    edit_reply: str = "caption"
     # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
     # what an edit's reply names) in the editing SFT's mix (and, ``stage3_captions``, stage 3's); 0: none (runs 1-21;
-    # run 22: 6000). In the shipped model's editing SFT (3,000 of them) the images read back as their reply for 0.455
-    # of one-object edits but 0.031 of two-object and 0 of three-object ones: the decoder draws a named cell for one
-    # object, not yet several
-    n_captions: int = 0
+    # run 22: 6000; run 23, the shipped recipe: 3000). After run 23's editing SFT the images read back as their reply
+    # for 0.559 of one-object edits but 0.113 of two-object and 0 of three-object ones: the decoder draws a named cell
+    # for one object, not yet several
+    n_captions: int = 3000
     # the first this many caption records in stage 3's mixes (the frozen phase of stage 3c included); the editing SFT
     # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
     # 0.842, position 0.590); 0: none (runs 1-21, 23)
@@ -124,19 +124,21 @@ class ShapesRunConfig:
     stage3_editing: int = 0
     stage3_copies: int = 0
     dpo_steps: int = 120  # runs 1-14 (in-run): 40
-    edit_steps: int = 100  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500
+    edit_steps: int = 3000  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500; run 23: 3000
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
     # -0.006 (run 14), within the suite's spread, then -0.018, -0.017 and -0.017 (runs 18-20; in runs 19-20 about what
     # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 1e-6:
     # +0.006, and its editing scored 0.002, its first pass in a full run (the shipped recipe). Run 22 (captioned
-    # replies, the LLM training too, generation and captions in the mix): 3e-4, the probe's
-    edit_lr: float | None = 1e-6
+    # replies, the LLM training too, generation and captions in the mix): 3e-4, the probe's; run 23 (the shipped
+    # recipe): 3e-4, with generation 0.913 -> 0.911 on the suite from post-DPO to final
+    edit_lr: float | None = 3e-4
     # False (runs 8-21): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
-    # the LLM trains too, at ``edit_llm_lr``, with questions in the mix (run 7; run 22, which writes its edits out)
-    edit_llm: bool = False
+    # the LLM trains too, at ``edit_llm_lr``, with questions in the mix (run 7; runs 22-23, which write their edits
+    # out: the shipped recipe)
+    edit_llm: bool = True
     edit_llm_lr: float | None = 1e-4  # the LLM's peak rate there with ``edit_llm`` (None: ``edit_lr``; run 7)
     batch_size: int = 16
     # the SFT phases' peak rate (the LLM's in stage 2: ``llm_lr``). At 1e-3 the LLM's answer-position heads saturate
@@ -260,5 +262,5 @@ class ShapesRunConfig:
         return cls(n_understanding=64, n_single=16, n_generation=64, n_editing=32, stage2_generation=32,
                    stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
-                   stage3c_frozen_steps=2,
+                   stage3c_frozen_steps=2, n_captions=16,
                    dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)
