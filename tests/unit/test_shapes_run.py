@@ -140,6 +140,48 @@ def test_sampling_choice_keeps_the_earlier_candidate_on_a_float_tie(tmp_path, mo
     assert "default sampling cfg 3.0 tau 0.5 top-p 0.97" in (tmp_path / "log.txt").read_text()
 
 
+def test_the_final_sampling_choice_weighs_validation_edits_as_much_as_generation(tmp_path, monkeypatch) -> None:
+    # with edits=True (the final checkpoint's choice) a candidate scores the mean of its generation and editing
+    # validation scores: here the official settings win on generation alone, CFG 1.5 on the mean
+    import types
+
+    import vargpt.train.shapes as shapes
+    from vargpt.eval.shapes import editing_items
+
+    gen, edit = (0.92, 0.91, 0.70, 0.89, 0.83), (0.24, 0.25, 0.10, 0.29, 0.20)  # per candidate, in order
+    seen = []
+
+    def fake_suite(engine, suite, items):  # the "engine" is its sampling settings here
+        seen.append((suite, items))
+        return types.SimpleNamespace(scores={"overall": (gen if suite == "generation" else edit)[
+            SAMPLING_CANDIDATES.index(engine)]})
+
+    monkeypatch.setattr(shapes, "Engine", lambda model, processor, sampling: sampling)
+    monkeypatch.setattr(shapes, "run_suite", fake_suite)
+    model = types.SimpleNamespace(eval=lambda: None)
+    run = shapes.ShapesRunConfig(sampling_per_category=1, sampling_edits=8)
+    for sub in "abc":
+        (tmp_path / sub).mkdir()
+    assert shapes._select_sampling(model, None, run, tmp_path / "a", "stage3c") == SAMPLING_CANDIDATES[0]
+    assert {suite for suite, _ in seen} == {"generation"}
+    seen.clear()
+    assert shapes._select_sampling(model, None, run, tmp_path / "b", "edit", edits=True) == SAMPLING_CANDIDATES[3]
+    # the validation edits: 8, of the four kinds in turn, from the validation seed (not the suite's)
+    edits = [items for suite, items in seen if suite == "editing"]
+    assert len(edits) == len(SAMPLING_CANDIDATES) and edits[0] == editing_items(8, seed=shapes.VALIDATION_SEED)
+    assert edits[0] != editing_items(8)
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert "edit: sampling cfg 1.5 tau 1.0 top-p 0.0: validation 0.590 (generation 0.890 on 8 prompts, editing 0.290 " \
+           "on 8 edits)" in log
+    # sampling_edits=0: generation alone, as before run 25
+    seen.clear()
+    run = shapes.ShapesRunConfig(sampling_per_category=1, sampling_edits=0)
+    assert shapes._select_sampling(model, None, run, tmp_path / "c", "edit", edits=True) == SAMPLING_CANDIDATES[0]
+    assert {suite for suite, _ in seen} == {"generation"}
+    with pytest.raises(ValueError, match="sampling_edits=-1"):
+        shapes.ShapesRunConfig(sampling_edits=-1)
+
+
 def test_shapes_bpe_processor_trains_on_one_token_answers(tmp_path) -> None:
     from vargpt.config import get_preset
     from vargpt.data.collate import SFTCollator

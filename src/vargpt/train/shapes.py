@@ -249,15 +249,26 @@ def _monitor(processor, suite: str, out: Path, name: str, limit: int | None = MO
     return eval_fn
 
 
-def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: str) -> ImageParams:
-    """The candidate of ``SAMPLING_CANDIDATES`` scoring best on the validation prompts (``VALIDATION_SEED``)."""
+def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: str, edits: bool = False) -> ImageParams:
+    """The candidate of ``SAMPLING_CANDIDATES`` scoring best on the validation prompts (``VALIDATION_SEED``).
+
+    ``edits`` (the final checkpoint's choice, when ``run.sampling_edits`` > 0): the score is the mean of the
+    generation score and the editing score on ``run.sampling_edits`` validation edits (the model writes its own
+    replies; the sampling settings draw the image after them), so that the one default serves both tasks."""
     items = generation_items(per_category=run.sampling_per_category, seed=VALIDATION_SEED)
+    edit_items = editing_items(run.sampling_edits, seed=VALIDATION_SEED) if edits and run.sampling_edits else []
     model.eval()
     best, best_score = SAMPLING_CANDIDATES[0], -1.0
     for cand in SAMPLING_CANDIDATES:
-        score = run_suite(Engine(model, processor, sampling=cand), "generation", items=items).scores["overall"]
-        _log(out, f"{name}: sampling cfg {cand.cfg_scale} tau {cand.temperature} top-p {cand.top_p}: "
-                  f"validation {score:.3f} ({len(items)} prompts)")
+        engine = Engine(model, processor, sampling=cand)
+        score = run_suite(engine, "generation", items=items).scores["overall"]
+        what = f"validation {score:.3f} ({len(items)} prompts)"
+        if edit_items:
+            edit_score = run_suite(engine, "editing", items=edit_items).scores["overall"]
+            what = (f"validation {(score + edit_score) / 2:.3f} (generation {score:.3f} on {len(items)} prompts, "
+                    f"editing {edit_score:.3f} on {len(edit_items)} edits)")
+            score = (score + edit_score) / 2
+        _log(out, f"{name}: sampling cfg {cand.cfg_scale} tau {cand.temperature} top-p {cand.top_p}: {what}")
         if round(score, 9) > round(best_score, 9):  # a tie keeps the earlier (scores are means of means)
             best, best_score = cand, score
     _log(out, f"{name}: default sampling cfg {best.cfg_scale} tau {best.temperature} top-p {best.top_p}")
@@ -444,8 +455,8 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
                   monitor="editing", sampling=sampling, module_lr=llm_rate)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
-    # model), so the final checkpoint's defaults are chosen again, the same way
-    sampling = _select_sampling(model, processor, run, out, "edit")
+    # model), so the final checkpoint's defaults are chosen again, on validation edits as well (``sampling_edits``)
+    sampling = _select_sampling(model, processor, run, out, "edit", edits=True)
     return _save(model, processor, out / "final", sampling)
 
 

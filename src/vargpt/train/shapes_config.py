@@ -178,6 +178,11 @@ class ShapesRunConfig:
     monitor_every: int = 500  # log a small slice of the suite a phase trains for every n steps (0 = at the end only)
     # validation prompts per category for choosing the sampling defaults (runs 12-15: 25; runs 16-17: 20)
     sampling_per_category: int = 20
+    # validation edits (``editing_items(seed=VALIDATION_SEED)``, the four kinds in turn) in the final checkpoint's
+    # choice: its score is the mean of the generation and the editing validation scores. 0: generation alone (runs
+    # 1-24). After 6,000 editing steps (EVAL.md "Probes after run 23", B) generation chose CFG 3 / tau 0.5 / top-p
+    # 0.97, where the editing suite scores 0.240, against 0.286 at CFG 1.5 / tau 1.0
+    sampling_edits: int = 80
     vae_padding_mode: str | None = None  # None: the shapes preset's ("zeros"; "replicate" was tried, EVAL.md)
     # Two ways to shorter CPU steps, off in the shipped recipe (run 6 had both, with 4,200 stage-2 steps in 77.5
     # min, and scored lower; EVAL.md): the chat template without the default system turn (SHAPES_CHAT_TEMPLATE),
@@ -204,7 +209,7 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
         if self.gen_layout not in LAYOUTS:
             raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
-        for name in ("n_vertical", "vae_scenes", "n_captions", "stage3_captions"):
+        for name in ("n_vertical", "vae_scenes", "n_captions", "stage3_captions", "sampling_edits"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
         if self.vae_scenes > self.n_understanding:
@@ -263,4 +268,5 @@ class ShapesRunConfig:
                    stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
                    stage3c_frozen_steps=2, n_captions=16,
-                   dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1)
+                   dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1,
+                   sampling_edits=4)
