@@ -173,7 +173,7 @@ def test_the_final_sampling_choice_weighs_validation_edits_as_much_as_generation
     log = (tmp_path / "b" / "log.txt").read_text()
     assert "edit: sampling cfg 1.5 tau 1.0 top-p 0.0: validation 0.590 (generation 0.890 on 8 prompts, editing 0.290 " \
            "on 8 edits)" in log
-    # sampling_edits=0: generation alone, as before run 25
+    # sampling_edits=0: generation alone, as in runs 1-23
     seen.clear()
     run = shapes.ShapesRunConfig(sampling_per_category=1, sampling_edits=0)
     assert shapes._select_sampling(model, None, run, tmp_path / "c", "edit", edits=True) == SAMPLING_CANDIDATES[0]

@@ -1,8 +1,8 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 23's recipe, the shipped model, in one
-go: ``vargpt train shapes --out DIR`` with these defaults took 63.4 min on this machine on 2026-12-06, when it ran
-about 1.9x as fast as for run 18's 81.8 min (EVAL.md "Run 23: the shipped model from one command"). What each option
-did in the runs that tried it is in EVAL.md."""
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 24's recipe, the shipped model, in one
+go: ``vargpt train shapes --out DIR`` with these defaults took 81.7 min on this machine on 2026-12-06, when it ran
+about 1.9x as fast as for run 18's 81.8 min (EVAL.md "Run 24"). What each option did in the runs that tried it is in
+EVAL.md."""
 
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ class ShapesRunConfig:
     # ``build_split(edit_reply=...)``): the LLM writes the edit out in text, as it writes a description, and the
     # decoder draws what the text says, as it draws a prompt. From run 21's post_dpo, 3,000 steps of the editing SFT
     # with the LLM on such edits and captions: editing 0.002 -> 0.144; run 22 (with every run-22 value below): editing
-    # 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the shipped model"); run 23 (the shipped
-    # recipe: captions and edits in the editing SFT only): editing 0.198, generation 0.911
+    # 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the model shipped before run 23"); run 23
+    # (captions and edits in the editing SFT only): editing 0.198, generation 0.911; run 24 (the shipped
+    # recipe, 6,000 editing steps): editing 0.306
     edit_reply: str = "caption"
     # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
     # what an edit's reply names) in the editing SFT's mix (and, ``stage3_captions``, stage 3's); 0: none (runs 1-21;
@@ -124,15 +125,17 @@ class ShapesRunConfig:
     stage3_editing: int = 0
     stage3_copies: int = 0
     dpo_steps: int = 120  # runs 1-14 (in-run): 40
-    edit_steps: int = 3000  # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500; run 23: 3000
+    # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500; run 23: 3000 (editing 0.198); run 24,
+    # the shipped recipe: 6000 (editing 0.306)
+    edit_steps: int = 6000
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
     # -0.006 (run 14), within the suite's spread, then -0.018, -0.017 and -0.017 (runs 18-20; in runs 19-20 about what
     # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 1e-6:
-    # +0.006, and its editing scored 0.002, its first pass in a full run (the shipped recipe). Run 22 (captioned
-    # replies, the LLM training too, generation and captions in the mix): 3e-4, the probe's; run 23 (the shipped
-    # recipe): 3e-4, with generation 0.913 -> 0.911 on the suite from post-DPO to final
+    # +0.006, and its editing scored 0.002, its first pass in a full run. Run 22 (captioned
+    # replies, the LLM training too, generation and captions in the mix): 3e-4, the probe's; runs 23-24 (the
+    # shipped recipe): 3e-4; from post-DPO to final generation went 0.928 -> 0.911 and 0.909 on the suite
     edit_lr: float | None = 3e-4
     # False (runs 8-21): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
@@ -180,8 +183,9 @@ class ShapesRunConfig:
     sampling_per_category: int = 20
     # validation edits (``editing_items(seed=VALIDATION_SEED)``, the four kinds in turn) in the final checkpoint's
     # choice: its score is the mean of the generation and the editing validation scores. 0: generation alone (runs
-    # 1-24). After 6,000 editing steps (EVAL.md "Probes after run 23", B) generation chose CFG 3 / tau 0.5 / top-p
-    # 0.97, where the editing suite scores 0.240, against 0.286 at CFG 1.5 / tau 1.0
+    # 1-23; run 24's final choice was redone with 80 by ``scripts/shapes_choose_sampling.py``: the same CFG 1.5 /
+    # tau 1.0). After 6,000 editing steps in two schedules (EVAL.md "Probes after run 23", B) generation alone chose
+    # CFG 3 / tau 0.5 / top-p 0.97, where the editing suite scores 0.240, against 0.286 at CFG 1.5 / tau 1.0
     sampling_edits: int = 80
     vae_padding_mode: str | None = None  # None: the shapes preset's ("zeros"; "replicate" was tried, EVAL.md)
     # Two ways to shorter CPU steps, off in the shipped recipe (run 6 had both, with 4,200 stage-2 steps in 77.5
