@@ -50,13 +50,13 @@ class ShapesRunConfig:
     edit_reply: str = "caption"
     # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
     # what an edit's reply names) in the editing SFT's mix (and, ``stage3_captions``, stage 3's); 0: none (runs 1-21;
-    # run 22: 6000; run 23, the shipped recipe: 3000). After run 23's editing SFT the images read back as their reply
-    # for 0.559 of one-object edits but 0.113 of two-object and 0 of three-object ones: the decoder draws a named cell
-    # for one object, not yet several
+    # run 22: 6000; runs 23-24, the shipped recipe: 3000). After run 24's editing SFT 0.628 of the one-object edits
+    # pass, 0.277 of the two-object and 0.050 of the three-object ones: the decoder draws a named cell for one
+    # object, rarely several
     n_captions: int = 3000
     # the first this many caption records in stage 3's mixes (the frozen phase of stage 3c included); the editing SFT
     # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
-    # 0.842, position 0.590); 0: none (runs 1-21, 23)
+    # 0.842, position 0.590); 0: none (runs 1-21, 23-24)
     stage3_captions: int = 0
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
     # run 22: 3000, where with ``edit_reply="caption"`` the LLM learns to write edits out, with its questions
@@ -139,7 +139,7 @@ class ShapesRunConfig:
     edit_lr: float | None = 3e-4
     # False (runs 8-21): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
-    # the LLM trains too, at ``edit_llm_lr``, with questions in the mix (run 7; runs 22-23, which write their edits
+    # the LLM trains too, at ``edit_llm_lr``, with questions in the mix (run 7; runs 22-24, which write their edits
     # out: the shipped recipe)
     edit_llm: bool = True
     edit_llm_lr: float | None = 1e-4  # the LLM's peak rate there with ``edit_llm`` (None: ``edit_lr``; run 7)
