@@ -49,7 +49,7 @@ import json
 import random
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,32 +58,42 @@ from PIL import Image
 from vargpt.checkpoint import load_model, save_checkpoint
 from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
-from vargpt.data.records import Message, SFTRecord, load_records
+from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
-from vargpt.data.shapes.grammar import (
-    parse_question,
-    scene_for_prompt,
-)
+from vargpt.data.shapes.grammar import scene_for_prompt
 from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.data.shapes.world import render
 from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
 from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, load_sampling_defaults, save_sampling_defaults
 from vargpt.models.vargpt import VARGPT
-from vargpt.processing.chat import DEFAULT_SYSTEM
 from vargpt.processing.processor import Processor
-from vargpt.processing.tokenizer import bpe_tokenizer, char_tokenizer
 from vargpt.train.dpo import DPOStep, build_pairs
 from vargpt.train.latents import LatentCache
 from vargpt.train.loop import TrainConfig, train
 from vargpt.train.recipes import STAGES, Stage, apply_stage
 from vargpt.train.shapes_config import LLM_MODULES, ShapesRunConfig
+from vargpt.train.shapes_data import (
+    COPY_INSTRUCTION,
+    COPY_REPLY,
+    GROUP_CHARS,
+    SHAPES_CHAT_TEMPLATE,
+    SHAPES_IMAGE_MEAN,
+    SHAPES_IMAGE_STD,
+    batch_group,
+    copy_records,
+    question_kind,
+    shapes_corpus,
+    shapes_processor,
+)
 from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
-__all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "SHAPES_CHAT_TEMPLATE",
-           "batch_group", "copy_records", "question_kind", "shapes_corpus", "shapes_processor", "shapes_reward",
-           "run_shapes", "rerun_editing"]
+__all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "shapes_reward",
+           "shapes_teacher", "run_shapes", "rerun_editing",
+           # re-exported from ``vargpt.train.shapes_data``
+           "SHAPES_IMAGE_MEAN", "SHAPES_IMAGE_STD", "SHAPES_CHAT_TEMPLATE", "GROUP_CHARS", "COPY_INSTRUCTION",
+           "COPY_REPLY", "batch_group", "copy_records", "question_kind", "shapes_corpus", "shapes_processor"]
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
@@ -125,65 +135,6 @@ SHAPES_STAGES: dict[str, Stage] = {
 }
 
 
-#: The ViT's input normalisation for Shapes images: the white background maps to 0 in every channel. With Qwen2-VL's
-#: CLIP statistics the background becomes a large constant that swamps the small objects, and a ViT trained from
-#: scratch stayed at chance even on "What color is the {shape}?" over one-object scenes (300 steps: 0.22 first-token
-#: accuracy; with std 0.5 0.50 at 300 and 0.92 at 600 steps, with std 0.25 0.78 at 300 and 0.94 at 350, EVAL.md).
-SHAPES_IMAGE_MEAN, SHAPES_IMAGE_STD = (1.0, 1.0, 1.0), (0.25, 0.25, 0.25)
-
-
-#: The Shapes chat template: Qwen2-VL's turns without the default system message ("You are a helpful assistant."
-#: is 37 of a question row's ~115 character tokens; a system turn given by the caller is rendered as any other).
-#: Saved with the tokenizer (``chat_template.jinja``), so every checkpoint carries the template it was trained with.
-SHAPES_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def shapes_processor(cfg, system_turn: bool = True, texts: Iterable[str] | None = None) -> Processor:
-    """64 px images are shown to the ViT at 112 x 112 (an 8 x 8 patch grid, 16 LLM tokens), normalised so that the
-    white background is 0 (``SHAPES_IMAGE_MEAN`` / ``SHAPES_IMAGE_STD``). Tokenizer: ``texts`` given, BPE merges
-    learned on them (``bpe_tokenizer``; the recipe passes ``shapes_corpus`` of its training split), else one token
-    per character (the tokenizer of runs 1-6). ``system_turn=False``: the tokenizer carries
-    ``SHAPES_CHAT_TEMPLATE`` (no default system turn)."""
-    if texts is None:
-        tokenizer = char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)
-    else:
-        tokenizer = bpe_tokenizer(cfg.special_tokens, cfg.text.vocab_size, texts)
-    if not system_turn:
-        tokenizer.chat_template = SHAPES_CHAT_TEMPLATE
-    return Processor(cfg, tokenizer, min_pixels=112 * 112, max_pixels=112 * 112, image_mean=SHAPES_IMAGE_MEAN,
-                     image_std=SHAPES_IMAGE_STD)
-
-
-def shapes_corpus(records) -> list[str]:
-    """The texts a Shapes tokenizer learns its merges on: every message of ``records`` (image placeholders removed),
-    the role names and the default system message of the chat template."""
-    texts = [m.content.replace("<image>", "").replace("<image_gen>", "") for r in records for m in r.messages]
-    return texts + ["system", "user", "assistant", DEFAULT_SYSTEM]
-
-
-#: Characters per length bucket of ``batch_group``.
-GROUP_CHARS = 48
-
-
-def question_kind(record) -> str:
-    """The question kind (``QUESTION_KINDS``) of a Shapes understanding record."""
-    text = record.messages[0].content
-    if not isinstance(text, str):
-        raise ValueError(f"not a Shapes question record (its first message is not a string): {record.messages[0]}")
-    return parse_question(text.replace("<image>", ""))[0]
-
-
-def batch_group(record) -> tuple[str, int]:
-    """The batch group of an SFT record with ``ShapesRunConfig.length_groups``: its task and the length of its text
-    in ``GROUP_CHARS`` buckets, so that a batch of one-word answers is not padded to the length of a caption (with
-    the Shapes template, a short-answer batch took 0.19 s against 0.33 s for a mixed one, EVAL.md run 6)."""
-    return record.task, sum(len(m.content) for m in record.messages) // GROUP_CHARS
-
-
 def shapes_reward(prompt: str, image) -> float:
     """DPO ranking: 1 for a pass (SHAPES.md rules), plus partial credit for the right number and kinds of shapes."""
     p = parse_gen_prompt(prompt)
@@ -205,18 +156,6 @@ def shapes_teacher(layout: str) -> Callable[[str], Image.Image]:
         return render(scene_for_prompt(rng, parse_gen_prompt(prompt), layout))
 
     return teacher
-
-
-#: The copy task (``copy_records``): not in the Shapes grammar, a training-only aid for editing.
-COPY_INSTRUCTION, COPY_REPLY = "Draw this image again.", "Here is the image."
-
-
-def copy_records(edits: Iterable[SFTRecord]) -> list[SFTRecord]:
-    """One copy record per editing record: its source image shown with ``COPY_INSTRUCTION``, and the same image as
-    the answer's ``<image_gen>`` -- the decoder learns to redraw what the ViT shows the LLM, the part of every edit
-    that the instruction leaves unchanged (EVAL.md "Probes after run 13")."""
-    return [SFTRecord((Message("user", f"<image>{COPY_INSTRUCTION}"), Message("assistant", f"{COPY_REPLY}<image_gen>")),
-                      (r.images[0], r.images[0]), source=f"copy of {r.source}") for r in edits]
 
 
 def _log(out: Path, msg: str) -> None:
@@ -265,9 +204,9 @@ def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: st
         what = f"validation {score:.3f} ({len(items)} prompts)"
         if edit_items:
             edit_score = run_suite(engine, "editing", items=edit_items).scores["overall"]
-            what = (f"validation {(score + edit_score) / 2:.3f} (generation {score:.3f} on {len(items)} prompts, "
+            gen_score, score = score, (score + edit_score) / 2
+            what = (f"validation {score:.3f} (generation {gen_score:.3f} on {len(items)} prompts, "
                     f"editing {edit_score:.3f} on {len(edit_items)} edits)")
-            score = (score + edit_score) / 2
         _log(out, f"{name}: sampling cfg {cand.cfg_scale} tau {cand.temperature} top-p {cand.top_p}: {what}")
         if round(score, 9) > round(best_score, 9):  # a tie keeps the earlier (scores are means of means)
             best, best_score = cand, score
@@ -341,7 +280,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     torch.manual_seed(run.seed)
 
     # 0. data (held-out evaluation scenes excluded)
-    held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in editing_items()]
+    suite_edits = editing_items()
+    held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in suite_edits]
     held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
     # no caption record of an edited scene of the suite: it would show the decoder an answer (run 22 excluded these
     # from the whole split, which changed its other records from run 21's)
@@ -350,7 +290,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
                         n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories(),
                         multi_object_kinds=run.multi_object_questions, n_vertical=run.n_vertical,
                         edit_reply=run.edit_reply, n_captions=run.n_captions,
-                        exclude_captions=[it["target"] for it in editing_items()])
+                        exclude_captions=[it["target"] for it in suite_edits])
     und = load_records(split.understanding).records
     single = load_records(split.understanding_single).records if split.understanding_single else []
     gen = load_records(split.generation).records

@@ -1,0 +1,86 @@
+"""The Shapes recipe's processor and record helpers: the ViT's input normalisation, the chat template, the
+tokenizer's corpus, question kinds, batch groups and the copy records (``vargpt.train.shapes`` re-exports them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from vargpt.data.records import Message, SFTRecord
+from vargpt.data.shapes.grammar import parse_question
+from vargpt.processing.chat import DEFAULT_SYSTEM
+from vargpt.processing.processor import Processor
+from vargpt.processing.tokenizer import bpe_tokenizer, char_tokenizer
+
+__all__ = ["SHAPES_IMAGE_MEAN", "SHAPES_IMAGE_STD", "SHAPES_CHAT_TEMPLATE", "GROUP_CHARS", "COPY_INSTRUCTION",
+           "COPY_REPLY", "shapes_processor", "shapes_corpus", "question_kind", "batch_group", "copy_records"]
+
+
+#: The ViT's input normalisation for Shapes images: the white background maps to 0 in every channel. With Qwen2-VL's
+#: CLIP statistics the background becomes a large constant that swamps the small objects, and a ViT trained from
+#: scratch stayed at chance even on "What color is the {shape}?" over one-object scenes (300 steps: 0.22 first-token
+#: accuracy; with std 0.5 0.50 at 300 and 0.92 at 600 steps, with std 0.25 0.78 at 300 and 0.94 at 350, EVAL.md).
+SHAPES_IMAGE_MEAN, SHAPES_IMAGE_STD = (1.0, 1.0, 1.0), (0.25, 0.25, 0.25)
+
+
+#: The Shapes chat template: Qwen2-VL's turns without the default system message ("You are a helpful assistant."
+#: is 37 of a question row's ~115 character tokens; a system turn given by the caller is rendered as any other).
+#: Saved with the tokenizer (``chat_template.jinja``), so every checkpoint carries the template it was trained with.
+SHAPES_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def shapes_processor(cfg, system_turn: bool = True, texts: Iterable[str] | None = None) -> Processor:
+    """64 px images are shown to the ViT at 112 x 112 (an 8 x 8 patch grid, 16 LLM tokens), normalised so that the
+    white background is 0 (``SHAPES_IMAGE_MEAN`` / ``SHAPES_IMAGE_STD``). Tokenizer: ``texts`` given, BPE merges
+    learned on them (``bpe_tokenizer``; the recipe passes ``shapes_corpus`` of its training split), else one token
+    per character (the tokenizer of runs 1-6). ``system_turn=False``: the tokenizer carries
+    ``SHAPES_CHAT_TEMPLATE`` (no default system turn)."""
+    if texts is None:
+        tokenizer = char_tokenizer(cfg.special_tokens, cfg.text.vocab_size)
+    else:
+        tokenizer = bpe_tokenizer(cfg.special_tokens, cfg.text.vocab_size, texts)
+    if not system_turn:
+        tokenizer.chat_template = SHAPES_CHAT_TEMPLATE
+    return Processor(cfg, tokenizer, min_pixels=112 * 112, max_pixels=112 * 112, image_mean=SHAPES_IMAGE_MEAN,
+                     image_std=SHAPES_IMAGE_STD)
+
+
+def shapes_corpus(records) -> list[str]:
+    """The texts a Shapes tokenizer learns its merges on: every message of ``records`` (image placeholders removed),
+    the role names and the default system message of the chat template."""
+    texts = [m.content.replace("<image>", "").replace("<image_gen>", "") for r in records for m in r.messages]
+    return texts + ["system", "user", "assistant", DEFAULT_SYSTEM]
+
+
+#: Characters per length bucket of ``batch_group``.
+GROUP_CHARS = 48
+
+
+def question_kind(record) -> str:
+    """The question kind (``QUESTION_KINDS``) of a Shapes understanding record."""
+    text = record.messages[0].content
+    if not isinstance(text, str):
+        raise ValueError(f"not a Shapes question record (its first message is not a string): {record.messages[0]}")
+    return parse_question(text.replace("<image>", ""))[0]
+
+
+def batch_group(record) -> tuple[str, int]:
+    """The batch group of an SFT record with ``ShapesRunConfig.length_groups``: its task and the length of its text
+    in ``GROUP_CHARS`` buckets, so that a batch of one-word answers is not padded to the length of a caption (with
+    the Shapes template, a short-answer batch took 0.19 s against 0.33 s for a mixed one, EVAL.md run 6)."""
+    return record.task, sum(len(m.content) for m in record.messages) // GROUP_CHARS
+
+
+#: The copy task (``copy_records``): not in the Shapes grammar, a training-only aid for editing.
+COPY_INSTRUCTION, COPY_REPLY = "Draw this image again.", "Here is the image."
+
+
+def copy_records(edits: Iterable[SFTRecord]) -> list[SFTRecord]:
+    """One copy record per editing record: its source image shown with ``COPY_INSTRUCTION``, and the same image as
+    the answer's ``<image_gen>`` -- the decoder learns to redraw what the ViT shows the LLM, the part of every edit
+    that the instruction leaves unchanged (EVAL.md "Probes after run 13")."""
+    return [SFTRecord((Message("user", f"<image>{COPY_INSTRUCTION}"), Message("assistant", f"{COPY_REPLY}<image_gen>")),
+                      (r.images[0], r.images[0]), source=f"copy of {r.source}") for r in edits]
