@@ -269,6 +269,12 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
             else "stage3: 64 records in the mix (64 generation, 0 captions, 0 questions, 0 edits, 0 copies)") in log
     assert ("16 caption records (edit replies: caption)" if edit_llm else
             "0 caption records (edit replies: fixed)") in log
+    # ``n_describe`` / ``stage2_describe``: describe records of the multi-object caption images (none without them)
+    from vargpt.data.records import load_records
+    from vargpt.train.shapes import describe_records
+
+    n = len(describe_records(load_records(tmp_path / "run" / "data" / "captions.jsonl").records)) if edit_llm else 0
+    assert (n > 0) == edit_llm and f"{n} describe records of the caption images ({n} in stage 2)" in log
     # ``stage2_curriculum``: its phases run in order between the warm-up and stage 2, each for its steps
     phases = [m.group(1) for m in re.finditer(r"\] (stage2\w*(?:\+\w+)*): (\d+) steps", log)]
     assert phases == (["stage2_warmup", "stage2_color", "stage2_exists+where", "stage2"] if edit_llm
@@ -466,3 +472,38 @@ def test_copy_records_show_the_source_and_ask_for_it_again(tmp_path) -> None:
     source = resize_for_crop(Image.open(edits[0].images[0]).convert("RGB"), 64)  # the official resize-crop
     top, left = crop_offsets(source.height, source.width, 64, "center")
     assert torch.equal(batch["gen_pixel_values"][0], generation_target(source, 64, (top, left)))
+
+
+def test_describe_records_ask_for_the_caption_of_the_multi_object_caption_images(tmp_path) -> None:
+    """``describe_records``: "<image>Describe the image." about a caption record's image, answered with its caption,
+    for the scenes of two or three objects; the answer is what the scorer reads back from the image."""
+    from PIL import Image
+
+    from vargpt.data.records import Message, SFTRecord, load_records
+    from vargpt.data.shapes.grammar import DESCRIBE_QUESTION, parse_caption
+    from vargpt.data.shapes.scorer import read_image
+    from vargpt.data.shapes.tasks import build_split
+    from vargpt.train.shapes import ShapesRunConfig, describe_records
+
+    assert (ShapesRunConfig().n_describe, ShapesRunConfig().stage2_describe) == (3000, 3000)  # run 25
+    for name in ("n_describe", "stage2_describe"):
+        with pytest.raises(ValueError, match=f"{name}=-1: expected >= 0"):
+            ShapesRunConfig(**{name: -1})
+    caps = load_records(build_split(tmp_path, seed=0, n_understanding=0, n_generation=0, n_editing=0,
+                                    n_captions=24).captions).records
+    desc = describe_records(caps)
+    keys = [parse_caption(c.messages[1].content.removeprefix("Here is ").removesuffix(".<image_gen>")) for c in caps]
+    assert [c.images for c, k in zip(caps, keys, strict=True) if len(k) >= 2] == [d.images for d in desc]
+    assert 0 < len(desc) < len(caps)  # random scenes of 1-3 objects: the one-object ones are left out
+    for d in desc:
+        assert d.task == "understanding" and d.messages[0] == Message("user", f"<image>{DESCRIBE_QUESTION}")
+        read = frozenset((o.shape, o.color, o.size, o.cell) for o in read_image(Image.open(d.images[0])))
+        assert parse_caption(d.messages[1].content) == read and len(read) >= 2
+    assert describe_records(caps, limit=2) == desc[:2] and describe_records(caps, limit=0) == []
+    assert len(describe_records(caps, min_objects=1)) == len(caps)
+    bad = SFTRecord((Message("user", "Draw it."), Message("assistant", "Done.<image_gen>")), caps[0].images,
+                    source="captions.jsonl: record 7 (line 8)")
+    with pytest.raises(ValueError, match=r"captions.jsonl: record 7 \(line 8\): not a caption record .*'Done"):
+        describe_records([bad])
+    with pytest.raises(ValueError, match="limit=-1"):
+        describe_records(caps, limit=-1)

@@ -82,6 +82,7 @@ from vargpt.train.shapes_data import (
     SHAPES_IMAGE_STD,
     batch_group,
     copy_records,
+    describe_records,
     question_kind,
     shapes_corpus,
     shapes_processor,
@@ -93,7 +94,8 @@ __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATIO
            "shapes_teacher", "run_shapes", "rerun_editing",
            # re-exported from ``vargpt.train.shapes_data``
            "SHAPES_IMAGE_MEAN", "SHAPES_IMAGE_STD", "SHAPES_CHAT_TEMPLATE", "GROUP_CHARS", "COPY_INSTRUCTION",
-           "COPY_REPLY", "batch_group", "copy_records", "question_kind", "shapes_corpus", "shapes_processor"]
+           "COPY_REPLY", "batch_group", "copy_records", "describe_records", "question_kind", "shapes_corpus",
+           "shapes_processor"]
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
@@ -296,8 +298,10 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     gen = load_records(split.generation).records
     edi = load_records(split.editing).records
     caps = load_records(split.captions).records if split.captions else []
+    desc = describe_records(caps, run.n_describe)
     _log(out, f"data: {len(und)} understanding (+ {len(single)} one-object), {len(gen)} generation, "
-              f"{len(edi)} editing, {len(caps)} caption records (edit replies: {run.edit_reply})")
+              f"{len(edi)} editing, {len(caps)} caption records (edit replies: {run.edit_reply}), {len(desc)} "
+              f"describe records of the caption images ({len(desc[:run.stage2_describe])} in stage 2)")
 
     cfg = dataclasses.replace(get_preset("shapes"), text_loss_reduction=run.text_loss_reduction)
     if run.vae_padding_mode is not None:
@@ -335,8 +339,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         kinds = [question_kind(r) for r in und]
         phases += [(f"stage2_{'+'.join(ks)}", stage2, [r for r, k in zip(und, kinds, strict=True) if k in ks], steps,
                     "understanding") for ks, steps in run.curriculum()]
-    phases += [("stage2", stage2, und + gen[: run.stage2_generation] + edi[: run.stage2_editing], run.stage2_steps,
-                "understanding")]
+    phases += [("stage2", stage2, und + gen[: run.stage2_generation] + edi[: run.stage2_editing]
+                + desc[: run.stage2_describe], run.stage2_steps, "understanding")]
     for name, stage, recs, steps, monitor in phases:
         if not recs or not steps:  # e.g. n_single = 0: no warm-up
             _log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
@@ -377,18 +381,19 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
             _save(model, processor, out / "post_dpo", sampling)
 
     # 5. editing
-    final = _finish(model, processor, gen, edi, und, run, out, sampling, caps)
+    final = _finish(model, processor, gen, edi, und, run, out, sampling, caps, desc)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
     return final
 
 
 def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sampling: ImageParams,
-            caps=()) -> Path:
-    """The recipe's last two steps: the editing SFT, then the final checkpoint's sampling defaults -> ``out/final``."""
+            caps=(), desc=()) -> Path:
+    """The recipe's last two steps: the editing SFT (edits, ``caps`` caption and ``desc`` describe records among
+    them), then the final checkpoint's sampling defaults -> ``out/final``."""
     _set_schedule(model, FULL_RES)
     # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
     # generation only and its answers collapsed into edit replies, EVAL.md)
-    mix = edi + list(caps) + gen[: len(edi)] + (und[: len(edi)] if run.edit_llm else [])
+    mix = edi + list(caps) + gen[: len(edi)] + (und[: len(edi)] + list(desc) if run.edit_llm else [])
     stage = SHAPES_STAGES["edit" if run.edit_llm else "edit_frozen_llm"]
     llm_rate = {"backbone.model.language_model": run.edit_llm_lr} if run.edit_llm and run.edit_llm_lr else None
     losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
@@ -427,12 +432,13 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
                for name in ("understanding", "generation", "editing")}
     captions = run_dir / "data" / "captions.jsonl"
     caps = load_records(captions).records if run.n_captions and captions.exists() else []
+    desc = describe_records(caps, run.n_describe)
     torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
     if start == "pre_dpo":  # (pre_dpo's config holds the full-resolution schedule)
         _dpo(model, processor, run, out, "stage3d", DPO_ROUND_SEEDS["stage3d"], sampling)
         _save(model, processor, out / "post_dpo", sampling)
     final = _finish(model, processor, records["generation"], records["editing"], records["understanding"], run, out,
-                    sampling, caps)
+                    sampling, caps, desc)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
     return final
 

@@ -58,6 +58,14 @@ class ShapesRunConfig:
     # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
     # 0.842, position 0.590); 0: none (runs 1-21, 23-24)
     stage3_captions: int = 0
+    # describe records (``describe_records``: "<image>Describe the image." -> the caption) of the first this many
+    # caption images with two or three objects, in the editing SFT's mix, and the first ``stage2_describe`` of them
+    # in stage 2's. After run 24 describe scored 0.677 (every other question kind >= 0.896): the LLM attaches
+    # attributes to the wrong object. From run 24's final, 1,500 more editing-SFT steps with 2,730 of them: describe
+    # 0.665 -> 0.799, understanding 0.892 -> 0.919, editing 0.306 either way (EVAL.md "Probe after run 24");
+    # 0: none (runs 1-24)
+    n_describe: int = 3000
+    stage2_describe: int = 3000
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
     # run 22: 3000, where with ``edit_reply="caption"`` the LLM learns to write edits out, with its questions
     stage2_editing: int = 1000
@@ -213,7 +221,8 @@ class ShapesRunConfig:
             raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
         if self.gen_layout not in LAYOUTS:
             raise ValueError(f"ShapesRunConfig.gen_layout={self.gen_layout!r}: expected one of {LAYOUTS}")
-        for name in ("n_vertical", "vae_scenes", "n_captions", "stage3_captions", "sampling_edits"):
+        for name in ("n_vertical", "vae_scenes", "n_captions", "stage3_captions", "sampling_edits", "n_describe",
+                     "stage2_describe"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
         if self.vae_scenes > self.n_understanding:

@@ -16,8 +16,8 @@ from vargpt.data.shapes.world import CELLS, COLORS, SHAPES, SIZES, Obj, Scene, c
 
 __all__ = [
     "GEN_CATEGORIES", "MULTI_OBJECT_CATEGORIES", "RELATIONS", "LAYOUTS", "GenPrompt", "sample_gen_prompt",
-    "parse_gen_prompt", "scene_for_prompt", "check_gen", "QUESTION_KINDS", "check_question_kinds", "sample_question",
-    "parse_question", "answer_question", "check_answer",
+    "parse_gen_prompt", "scene_for_prompt", "check_gen", "QUESTION_KINDS", "DESCRIBE_QUESTION", "check_question_kinds",
+    "sample_question", "parse_question", "answer_question", "check_answer",
     "caption", "object_phrase", "parse_caption", "EDIT_KINDS", "Edit", "sample_edit", "parse_edit", "apply_edit",
 ]
 
@@ -222,6 +222,7 @@ def check_gen(prompt: GenPrompt, objs: list[ReadObj]) -> bool:
 
 # -------------------------------------------------------------------------------------------------- questions
 QUESTION_KINDS = ("color", "shape", "count", "exists", "where", "describe")
+DESCRIBE_QUESTION = "Describe the image."  # the question of kind "describe" (answered with ``caption``)
 
 
 def check_question_kinds(kinds, where: str) -> tuple[str, ...]:
@@ -296,7 +297,7 @@ def sample_question(rng: random.Random, scene: Scene, kind: str | None = None) -
         o = rng.choice(cands)
         return f"Where is the {o.color} {o.shape}?", o.cell
     if kind == "describe":
-        return "Describe the image.", caption(scene)
+        return DESCRIBE_QUESTION, caption(scene)
     raise ValueError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
 
 
