@@ -388,8 +388,9 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
 
 def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sampling: ImageParams,
             caps=(), desc=()) -> Path:
-    """The recipe's last two steps: the editing SFT (edits, ``caps`` caption and ``desc`` describe records among
-    them), then the final checkpoint's sampling defaults -> ``out/final``."""
+    """The recipe's last two steps: the editing SFT (edits, ``caps`` caption records, generation records and, with
+    ``edit_llm``, questions and ``desc`` describe records), then the final checkpoint's sampling defaults ->
+    ``out/final``."""
     _set_schedule(model, FULL_RES)
     # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
     # generation only and its answers collapsed into edit replies, EVAL.md)
