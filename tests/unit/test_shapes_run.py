@@ -223,7 +223,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     # stage3c_frozen_steps=0 and dpo_bsc=None (one quick run per case covers these)
     options = (dict(edit_lr=1e-4, stage2_curriculum=("color:2", "exists+where:3"), stage3_editing=8,
                     stage3_copies=5, edit_reply="caption", n_captions=16, stage3_captions=16,
-                    stage2_describe=3) if edit_llm
+                    n_describe=100, stage2_describe=3) if edit_llm
                else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None, stage3c_frozen_steps=0, dpo_bsc=None,
                          edit_reply="fixed", n_captions=0, stage3_editing=0))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
@@ -486,8 +486,9 @@ def test_describe_records_ask_for_the_caption_of_the_multi_object_caption_images
     from vargpt.data.shapes.tasks import build_split
     from vargpt.train.shapes import ShapesRunConfig, describe_records
 
-    # the default: in the editing SFT's mix, not in stage 2's (run 25 had them in both, EVAL.md)
-    assert (ShapesRunConfig().n_describe, ShapesRunConfig().stage2_describe) == (3000, 0)
+    # off by default: run 25 (in both mixes) and run 24's editing SFT with them gained understanding and lost
+    # editing (EVAL.md)
+    assert (ShapesRunConfig().n_describe, ShapesRunConfig().stage2_describe) == (0, 0)
     for name in ("n_describe", "stage2_describe"):
         with pytest.raises(ValueError, match=f"{name}=-1: expected >= 0"):
             ShapesRunConfig(**{name: -1})

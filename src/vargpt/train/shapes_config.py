@@ -63,9 +63,11 @@ class ShapesRunConfig:
     # in stage 2's. After run 24 describe scored 0.677 (every other question kind >= 0.896): the LLM attaches
     # attributes to the wrong object. From run 24's final, 1,500 more editing-SFT steps with 2,730 of them: describe
     # 0.665 -> 0.799, understanding 0.892 -> 0.919, editing 0.306 either way (EVAL.md "Probe after run 24");
-    # 0: none (runs 1-24). Run 25 (both 3000): describe 0.848, understanding 0.913, but generation 0.878 (pre-DPO
-    # 0.813 against run 24's 0.905) and editing 0.286, so stage 2 keeps run 24's mix by default (EVAL.md run 25)
-    n_describe: int = 3000
+    # 0: none (runs 1-24, the shipped recipe). Run 25 (both 3000): describe 0.848, understanding 0.913, but generation
+    # 0.878 (pre-DPO 0.813 against run 24's 0.905) and editing 0.286; run 24's editing SFT again from its post_dpo with
+    # ``n_describe=3000`` (``scripts/shapes_rerun_editing.py``): understanding 0.924, generation 0.896, editing 0.266
+    # against run 24's 0.898, 0.909 and 0.306 (EVAL.md run 25 and "Rerun 24d")
+    n_describe: int = 0
     stage2_describe: int = 0
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
     # run 22: 3000, where with ``edit_reply="caption"`` the LLM learns to write edits out, with its questions
