@@ -8,8 +8,6 @@ weights. The run's settings come from RUN_DIR/run_config.json; fields it lacks t
 usage: python scripts/shapes_choose_sampling.py RUN_DIR [CHECKPOINT]   (CHECKPOINT: default RUN_DIR/final)
 """
 
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -22,9 +20,7 @@ from vargpt.train.shapes import ShapesRunConfig, _select_sampling
 
 run_dir = Path(sys.argv[1])
 ckpt = Path(sys.argv[2]) if len(sys.argv) > 2 else run_dir / "final"
-saved = json.loads((run_dir / "run_config.json").read_text())
-fields = {f.name for f in dataclasses.fields(ShapesRunConfig)}
-run = ShapesRunConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+run, _ = ShapesRunConfig.from_run(run_dir)
 torch.manual_seed(run.seed)
 model = load_model(ckpt, dtype=torch.float32)
 sampling = _select_sampling(model, Processor.from_dir(ckpt, model.config), run, run_dir, "choice", edits=True)

@@ -8,8 +8,6 @@ usage: python scripts/shapes_rerun_editing.py RUN_DIR OUT_DIR [--start post_dpo|
 """
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 
 from vargpt.train.shapes import ShapesRunConfig, rerun_editing
@@ -19,8 +17,6 @@ parser.add_argument("run_dir", type=Path)
 parser.add_argument("out_dir", type=Path)
 parser.add_argument("--start", default="post_dpo", choices=("post_dpo", "pre_dpo"))
 args = parser.parse_args()
-saved = json.loads((args.run_dir / "run_config.json").read_text())
-fields = {f.name for f in dataclasses.fields(ShapesRunConfig)}
-run = ShapesRunConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
-print(f"{args.run_dir}: taking the current defaults for {sorted(fields - set(saved))}")
+run, missing = ShapesRunConfig.from_run(args.run_dir)
+print(f"{args.run_dir}: taking the current defaults for {missing}")
 print(rerun_editing(args.run_dir, args.out_dir, run, start=args.start))

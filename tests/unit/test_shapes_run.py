@@ -510,3 +510,17 @@ def test_describe_records_ask_for_the_caption_of_the_multi_object_caption_images
         describe_records([bad])
     with pytest.raises(ValueError, match="limit=-1"):
         describe_records(caps, limit=-1)
+
+
+def test_from_run_reads_a_finished_runs_settings_and_names_the_missing_fields(tmp_path) -> None:
+    import dataclasses
+
+    from vargpt.train.shapes import ShapesRunConfig
+
+    saved = dataclasses.asdict(dataclasses.replace(ShapesRunConfig(), edit_steps=7, stage2_curriculum=("color:2",)))
+    del saved["n_describe"]  # an option added after the run
+    saved["retired_option"] = 1  # an option removed since
+    (tmp_path / "run_config.json").write_text(json.dumps(saved))
+    run, missing = ShapesRunConfig.from_run(tmp_path)
+    assert missing == ["n_describe"] and run.n_describe == ShapesRunConfig().n_describe
+    assert run == dataclasses.replace(ShapesRunConfig(), edit_steps=7, stage2_curriculum=("color:2",))

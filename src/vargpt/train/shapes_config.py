@@ -6,7 +6,10 @@ EVAL.md."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from vargpt.data.shapes import GEN_CATEGORIES
 from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES, check_question_kinds
@@ -276,6 +279,16 @@ class ShapesRunConfig:
         ``MULTI_OBJECT_CATEGORIES`` ``multi_object_weight`` times."""
         return tuple(c for c in GEN_CATEGORIES
                      for _ in range(self.multi_object_weight if c in MULTI_OBJECT_CATEGORIES else 1))
+
+    @classmethod
+    def from_run(cls, run_dir) -> tuple[ShapesRunConfig, list[str]]:
+        """The settings of a finished run (``run_dir/run_config.json``, written by ``run_shapes``) and the names of
+        the fields it lacks, which take the current defaults (options added after the run); fields no longer in
+        the config are dropped."""
+        saved = json.loads((Path(run_dir) / "run_config.json").read_text())
+        fields = {f.name for f in dataclasses.fields(cls)}
+        run = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+        return run, sorted(fields - set(saved))
 
     @classmethod
     def quick(cls) -> ShapesRunConfig:
