@@ -1,6 +1,7 @@
 """The two halves of the editing suite's score, from its JSON (``vargpt eval shapes --suite editing``): how often
-the model's reply names the expected scene, how often the image reads back as the scene its reply names, the pass
-rate where the reply is right, and the pass rate by the number of objects in the edited scene (EVAL.md run 22).
+the model's reply names the expected scene (as a caption or a cell plan), how often the image reads back as the
+scene its reply names, the pass rate where the reply is right, and the pass rate by the number of objects in the
+edited scene (EVAL.md run 22).
 
 usage: python scripts/edit_breakdown.py runs/evalP_final/editing.json
 """
@@ -9,7 +10,7 @@ import json
 import sys
 from collections import Counter
 
-from vargpt.data.shapes.grammar import parse_caption
+from vargpt.data.shapes.grammar import parse_caption, parse_cell_plan
 
 items = json.loads(open(sys.argv[1]).read())["items"]
 n = len(items)
@@ -17,7 +18,8 @@ right = drawn = right_and_pass = 0
 by_count, passed = Counter(), Counter()
 for it in items:
     reply = it.get("reply", "")
-    named = parse_caption(reply.removeprefix("Here is ").removesuffix(".")) if reply.startswith("Here is ") else None
+    text = reply.removeprefix("Here is ").removesuffix(".") if reply.startswith("Here is ") else None
+    named = (parse_caption(text) or parse_cell_plan(text)) if text else None  # edit_reply "caption" or "cells"
     expected = parse_caption(it["expected"])
     right += named == expected
     drawn += named is not None and parse_caption(it["read"]) == named

@@ -292,6 +292,41 @@ def test_captioned_edit_replies_name_the_edited_scene_and_captions_draw_their_te
         build_split(tmp_path / "x", **kw, n_captions=-1)
 
 
+def test_cell_plan_names_each_cell_first_and_parses_back() -> None:
+    from vargpt.data.shapes.grammar import cell_plan, key_caption, parse_cell_plan
+
+    scene = Scene((Obj("square", "blue", "large", "center"), Obj("circle", "red", "small", "top left")))
+    assert cell_plan(scene) == "in the top left a small red circle, in the center a large blue square"
+    rng = random.Random(5)
+    for _ in range(2000):
+        s = random_scene(rng)
+        assert parse_cell_plan(cell_plan(s)) == s.key() and key_caption(s.key()) == caption(s)
+    assert parse_cell_plan(caption(scene)) is None and parse_caption(cell_plan(scene)) is None
+    # two objects in one cell, an unknown word or a missing cell: not a plan
+    assert parse_cell_plan("in the top a small red circle, in the top a large blue square") is None
+    assert parse_cell_plan("in the top a huge red circle") is None
+    assert parse_cell_plan("a small red circle") is None
+
+
+def test_cells_edit_replies_and_caption_records_name_the_scene_cell_first(tmp_path) -> None:
+    """``edit_reply="cells"``: the caption split's records, with each reply the ``cell_plan`` of the same scene."""
+    from vargpt.data.shapes.grammar import parse_cell_plan
+
+    kw = dict(seed=4, n_understanding=5, n_generation=8, n_editing=8, n_captions=10)
+    captioned = build_split(tmp_path / "a", **kw, edit_reply="caption")
+    cells = build_split(tmp_path / "b", **kw, edit_reply="cells")
+    for name in ("understanding", "generation"):
+        assert getattr(captioned, name).read_text() == getattr(cells, name).read_text()
+    for name in ("editing", "captions"):
+        pairs = zip(*(getattr(split, name).read_text().splitlines() for split in (captioned, cells)), strict=True)
+        for a, b in map(lambda ab: [json.loads(x) for x in ab], pairs):
+            assert a["images"] == b["images"] and a["messages"][0] == b["messages"][0] and a["meta"] == b["meta"]
+            ra, rb = a["messages"][1]["content"], b["messages"][1]["content"]
+            assert rb.startswith("Here is in the ") and rb.endswith(".<image_gen>")
+            strip = lambda r: r.removeprefix("Here is ").removesuffix(".<image_gen>")  # noqa: E731
+            assert parse_cell_plan(strip(rb)) == parse_caption(strip(ra)) is not None
+
+
 def test_multi_object_kinds_ask_those_kinds_about_two_or_three_objects(tmp_path) -> None:
     from PIL import Image
 

@@ -510,6 +510,11 @@ def test_describe_records_ask_for_the_caption_of_the_multi_object_caption_images
         describe_records([bad])
     with pytest.raises(ValueError, match="limit=-1"):
         describe_records(caps, limit=-1)
+    # caption records whose replies are cell plans (``edit_reply="cells"``): the same describe answers
+    planned = load_records(build_split(tmp_path / "cells", seed=0, n_understanding=0, n_generation=0, n_editing=0,
+                                       n_captions=24, edit_reply="cells").captions).records
+    assert planned[0].messages[1].content.startswith("Here is in the ")
+    assert [d.messages for d in describe_records(planned)] == [d.messages for d in desc]
 
 
 def test_from_run_reads_a_finished_runs_settings_and_names_the_missing_fields(tmp_path) -> None:

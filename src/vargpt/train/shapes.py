@@ -363,7 +363,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         _set_schedule(model, schedule)
         if name == "stage3c" and run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
             # (the edits with captioned replies too: the decoder learns to draw what the reply names)
-            frozen = gen + caps3 + (edits if run.edit_reply == "caption" else [])
+            frozen = gen + caps3 + (edits if run.edit_reply != "fixed" else [])
             losses = _sft(model, processor, frozen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
                           "stage3c_frozen", monitor="generation", sampling=sampling)
             _log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} -> "

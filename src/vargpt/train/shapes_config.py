@@ -49,7 +49,11 @@ class ShapesRunConfig:
     # with the LLM on such edits and captions: editing 0.002 -> 0.144; run 22 (with every run-22 value below): editing
     # 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the model shipped before run 23"); run 23
     # (captions and edits in the editing SFT only): editing 0.198, generation 0.911; run 24 (the shipped
-    # recipe, 6,000 editing steps): editing 0.306
+    # recipe, 6,000 editing steps): editing 0.306.
+    # "cells": the same scene as a ``cell_plan``, each object's cell before its attributes ("Here is in the top left
+    # a small red circle, ..."; the caption records' replies too): in run 24's wrong replies the cells are right and
+    # the attributes go to the wrong object, and with the cell named first the LLM reads the object it has just
+    # placed
     edit_reply: str = "caption"
     # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
     # what an edit's reply names) in the editing SFT's mix (and, ``stage3_captions``, stage 3's); 0: none (runs 1-21;

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from vargpt.data.records import Message, SFTRecord
-from vargpt.data.shapes.grammar import DESCRIBE_QUESTION, parse_caption, parse_question
+from vargpt.data.shapes.grammar import DESCRIBE_QUESTION, key_caption, parse_caption, parse_cell_plan, parse_question
 from vargpt.data.shapes.tasks import EDIT_PLAN_REPLY
 from vargpt.processing.chat import DEFAULT_SYSTEM
 from vargpt.processing.processor import Processor
@@ -90,12 +90,12 @@ def copy_records(edits: Iterable[SFTRecord]) -> list[SFTRecord]:
 
 def describe_records(captions: Iterable[SFTRecord], limit: int | None = None, min_objects: int = 2) -> list[SFTRecord]:
     """Questions of kind "describe" about the images of caption records (``build_split(n_captions=...)``): user
-    ``<image>`` + ``DESCRIBE_QUESTION``, assistant = the record's caption, for the first ``limit`` (None: all)
-    records whose scene has at least ``min_objects`` objects. The caption images are random scenes none of which is
-    an evaluation scene, and the LLM learns to describe scenes of several objects, where it attaches attributes to
-    the wrong object (from run 24's final, 1,500 more editing-SFT steps with 2,730 of them: describe 0.665 -> 0.799
-    against the same steps without, EVAL.md "Probe after run 24"). A record whose reply is not ``EDIT_PLAN_REPLY``
-    around a caption that parses (``parse_caption``) is refused with its ``source``."""
+    ``<image>`` + ``DESCRIBE_QUESTION``, assistant = the canonical caption of the record's scene, for the first
+    ``limit`` (None: all) records whose scene has at least ``min_objects`` objects. The caption images are random
+    scenes none of which is an evaluation scene, and the LLM learns to describe scenes of several objects, where it
+    attaches attributes to the wrong object (from run 24's final, 1,500 more editing-SFT steps with 2,730 of them:
+    describe 0.665 -> 0.799 against the same steps without, EVAL.md "Probe after run 24"). A record whose reply is
+    not ``EDIT_PLAN_REPLY`` around a caption or a ``cell_plan`` that parses is refused with its ``source``."""
     if limit is not None and limit < 0:
         raise ValueError(f"describe_records(limit={limit}): expected None or >= 0")
     prefix, suffix = EDIT_PLAN_REPLY.split("{caption}")
@@ -107,11 +107,13 @@ def describe_records(captions: Iterable[SFTRecord], limit: int | None = None, mi
         reply = r.messages[-1].content
         text = reply[len(prefix):-len(suffix)] if isinstance(reply, str) and reply.startswith(prefix) \
             and reply.endswith(suffix) else None
-        key = parse_caption(text) if text else None
+        key = (parse_caption(text) or parse_cell_plan(text)) if text else None
         if key is None or len(r.images) != 1:
             raise ValueError(f"{r.source}: not a caption record (expected one image and the reply "
-                             f"{EDIT_PLAN_REPLY!r} + '<image_gen>' around a Shapes caption), got {reply!r}")
+                             f"{EDIT_PLAN_REPLY!r} + '<image_gen>' around a Shapes caption or cell plan), "
+                             f"got {reply!r}")
         if len(key) >= min_objects:
-            out.append(SFTRecord((Message("user", f"<image>{DESCRIBE_QUESTION}"), Message("assistant", text)),
-                                 r.images, source=f"describe of {r.source}"))
+            out.append(SFTRecord((Message("user", f"<image>{DESCRIBE_QUESTION}"),
+                                  Message("assistant", key_caption(key))), r.images,
+                                 source=f"describe of {r.source}"))
     return out

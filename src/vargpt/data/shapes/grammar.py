@@ -18,7 +18,8 @@ __all__ = [
     "GEN_CATEGORIES", "MULTI_OBJECT_CATEGORIES", "RELATIONS", "LAYOUTS", "GenPrompt", "sample_gen_prompt",
     "parse_gen_prompt", "scene_for_prompt", "check_gen", "QUESTION_KINDS", "DESCRIBE_QUESTION", "check_question_kinds",
     "sample_question", "parse_question", "answer_question", "check_answer",
-    "caption", "object_phrase", "parse_caption", "EDIT_KINDS", "Edit", "sample_edit", "parse_edit", "apply_edit",
+    "caption", "object_phrase", "parse_caption", "cell_plan", "parse_cell_plan", "key_caption", "EDIT_KINDS", "Edit",
+    "sample_edit", "parse_edit", "apply_edit",
 ]
 
 GEN_CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution", "size",
@@ -244,6 +245,32 @@ def caption(scene: Scene) -> str:
     return ", ".join(map(object_phrase, scene.reading_order()))
 
 
+def cell_plan(scene: Scene) -> str:
+    """The scene as a plan with each cell named first: objects in reading order, each as
+    "in the {cell} a {size} {color} {shape}", joined by ", " (``build_split(edit_reply="cells")``: the reply of an
+    edit names the cell of each object before its attributes, so that the LLM, writing left to right, picks the
+    object by where it is and then reads that object's attributes). Not a SHAPES.md grammar: describe answers stay
+    ``caption``."""
+    return ", ".join(f"in the {o.cell} a {o.size} {o.color} {o.shape}" for o in scene.reading_order())
+
+
+def parse_cell_plan(text: str) -> frozenset | None:
+    """Scene key (set of (shape, color, size, cell)) of a ``cell_plan``, or None when it does not parse."""
+    keys = []
+    for part in (t.strip() for t in text.strip().split(",")):
+        m = re.fullmatch(rf"in the (?P<cell>{_CELL}) a (?P<size>{_SIZE}) (?P<color>{_COLOR}) (?P<shape>{_SHAPE})",
+                         part)
+        if not m:
+            return None
+        keys.append((m["shape"], m["color"], m["size"], m["cell"]))
+    return _scene_key(keys)
+
+
+def key_caption(key: frozenset) -> str:
+    """The canonical caption of a scene key (``parse_caption`` / ``parse_cell_plan``)."""
+    return caption(Scene(tuple(Obj(*k) for k in key)))
+
+
 def parse_caption(text: str) -> frozenset | None:
     """Scene key (set of (shape, color, size, cell)) of a caption, or None when it does not parse."""
     parts = [t.strip() for t in text.strip().split(",")]
@@ -254,6 +281,11 @@ def parse_caption(text: str) -> frozenset | None:
         if not m:
             return None
         keys.append((m["shape"], m["color"], m["size"], m["cell"]))
+    return _scene_key(keys)
+
+
+def _scene_key(keys: list[tuple[str, str, str, str]]) -> frozenset | None:
+    """The scene key of parsed objects; None when two objects share a cell (or repeat)."""
     if len(set(keys)) != len(keys) or len({k[3] for k in keys}) != len(keys):
         return None
     return frozenset(keys)

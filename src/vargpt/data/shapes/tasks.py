@@ -7,9 +7,9 @@ training code runs on Shapes and on real data.
   one-object scenes: ``understanding_single.jsonl``);
 * generation: user = the prompt wrapped in a varied instruction, assistant = a short sentence + ``<image_gen>``;
 * editing: user ``<image>{instruction}``, assistant = a short sentence + ``<image_gen>``; images = [source, target]
-  (``edit_reply="caption"``: the sentence names the edited scene, ``EDIT_PLAN_REPLY``);
+  (``edit_reply="caption"`` / ``"cells"``: the sentence names the edited scene, ``EDIT_PLAN_REPLY``);
 * captions (``n_captions``): user = the canonical caption of a random scene wrapped in a varied instruction,
-  assistant = ``EDIT_PLAN_REPLY`` + ``<image_gen>`` -- the scenes an edit's reply names, drawn from their caption.
+  assistant = ``plan_reply`` + ``<image_gen>`` -- the scenes an edit's reply names, drawn from their caption.
 
 Evaluation scenes are drawn first from their own seed; training scenes whose read-back key equals an evaluation
 scene's are rejected, so the scenes behind evaluation questions and edits are never seen in training.
@@ -29,6 +29,7 @@ from vargpt.data.shapes.grammar import (
     QUESTION_KINDS,
     GenPrompt,
     caption,
+    cell_plan,
     check_question_kinds,
     sample_edit,
     sample_gen_prompt,
@@ -37,8 +38,8 @@ from vargpt.data.shapes.grammar import (
 )
 from vargpt.data.shapes.world import Scene, random_scene, render
 
-__all__ = ["GEN_WRAPPERS", "GEN_REPLIES", "EDIT_REPLIES", "EDIT_PLAN_REPLY", "EDIT_REPLY_MODES", "wrap_prompt",
-           "build_split", "SplitPaths", "eval_scenes"]
+__all__ = ["GEN_WRAPPERS", "GEN_REPLIES", "EDIT_REPLIES", "EDIT_PLAN_REPLY", "EDIT_REPLY_MODES", "plan_reply",
+           "wrap_prompt", "build_split", "SplitPaths", "eval_scenes"]
 
 GEN_WRAPPERS = ("{p}", "Draw {p}.", "Please create an image of {p}.", "Can you depict {p}?",
                 "I need a picture of {p}.", "Generate {p}.")
@@ -46,9 +47,16 @@ GEN_REPLIES = ("Here is {p}.", "I have drawn {p}.", "Here is an image of {p}.")
 EDIT_REPLIES = ("Here is the edited image.", "Done.", "The output image is:")
 #: ``build_split(edit_reply="caption")``: the reply of an edit (and of a caption record) names the scene it draws, in
 #: the canonical caption's words (SHAPES.md "Describe the image."), so that the LLM writes the edit out in text and
-#: the decoder draws what the text says.
+#: the decoder draws what the text says; ``edit_reply="cells"``: the same with the scene as a ``cell_plan`` (each
+#: object's cell before its attributes: "Here is in the top left a small red circle, in the center ...").
 EDIT_PLAN_REPLY = "Here is {caption}."
-EDIT_REPLY_MODES = ("fixed", "caption")
+EDIT_REPLY_MODES = ("fixed", "caption", "cells")
+
+
+def plan_reply(scene: Scene, edit_reply: str) -> str:
+    """The reply that names ``scene`` (``EDIT_PLAN_REPLY``): its ``caption`` (``edit_reply`` "caption" or "fixed",
+    for caption records) or its ``cell_plan`` ("cells")."""
+    return EDIT_PLAN_REPLY.format(caption=cell_plan(scene) if edit_reply == "cells" else caption(scene))
 
 
 def wrap_prompt(rng: random.Random, prompt: GenPrompt) -> tuple[str, str]:
@@ -101,8 +109,9 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
     ``n_generation`` generation records (images ``v*.png``); they are drawn after every other record, so the rest of
     the split is the same as without them.
 
-    ``edit_reply``: "fixed" (one of ``EDIT_REPLIES``) or "caption": the reply names the edited scene
-    (``EDIT_PLAN_REPLY``); the images are the same either way (the draw of the fixed reply is made either way too,
+    ``edit_reply``: "fixed" (one of ``EDIT_REPLIES``), "caption" or "cells": the reply names the edited scene
+    (``plan_reply``: its caption, or its ``cell_plan`` with each cell first, as do the caption records' replies);
+    the images are the same either way (the draw of the fixed reply is made either way too,
     so every other record stays the same; run 22 drew its edited images without jitter, which changed the
     tokenizer's training images). ``n_captions``: caption-to-image records (``captions.jsonl``, images ``c*.png``):
     random scenes of 1-3 objects, jitter-free, drawn from their canonical caption (after every other record), none
@@ -163,8 +172,8 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
                 break
         e, target = r
         reply = rng.choice(EDIT_REPLIES)
-        if edit_reply == "caption":
-            reply = EDIT_PLAN_REPLY.format(caption=caption(target))
+        if edit_reply != "fixed":
+            reply = plan_reply(target, edit_reply)
         src = _save(render(scene), out / "images" / f"e{i:06d}_src.png")
         tgt = _save(render(target), out / "images" / f"e{i:06d}_tgt.png")
         edit.append({"messages": [{"role": "user", "content": f"<image>{e.text}"},
@@ -179,7 +188,7 @@ def build_split(out_dir: str | Path, *, seed: int, n_understanding: int, n_gener
         scene = _still(fresh_scene())
         text = caption(scene)
         path = _save(render(scene), out / "images" / f"c{i:06d}.png")
-        reply = EDIT_PLAN_REPLY.format(caption=text)
+        reply = plan_reply(scene, edit_reply)
         caps.append({"messages": [{"role": "user", "content": rng.choice(GEN_WRAPPERS).format(p=text)},
                                   {"role": "assistant", "content": f"{reply}<image_gen>"}],
                      "images": [path], "meta": {"category": "caption", "prompt": text}})
