@@ -529,3 +529,18 @@ def test_from_run_reads_a_finished_runs_settings_and_names_the_missing_fields(tm
     run, missing = ShapesRunConfig.from_run(tmp_path)
     assert missing == ["n_describe"] and run.n_describe == ShapesRunConfig().n_describe
     assert run == dataclasses.replace(ShapesRunConfig(), edit_steps=7, stage2_curriculum=("color:2",))
+
+
+def test_editing_mix_takes_a_generation_record_and_a_question_per_edit() -> None:
+    from vargpt.train.shapes import ShapesRunConfig
+    from vargpt.train.shapes_data import editing_mix
+
+    edits, caps, gen, und, desc = (list(range(k, k + n)) for k, n in ((0, 3), (100, 2), (200, 6), (300, 9), (400, 1)))
+    # more generation records than edits: the first ones (run 24's mix, 3,000 edits and 6,000 generation records)
+    assert editing_mix(edits, caps, gen, und, desc) == edits + caps + gen[:3] + und[:3] + desc
+    assert editing_mix(edits, caps, gen, und, desc, with_questions=False) == edits + caps + gen[:3]
+    # fewer: repeated in order, so that each kind keeps its share of the mix
+    assert editing_mix(edits, caps, gen[:2], und) == edits + caps + [200, 201, 200] + und[:3]
+    assert editing_mix(edits, caps, [], und) == edits + caps + und[:3]
+    with pytest.raises(ValueError, match="vae_edits=-1: expected None"):
+        ShapesRunConfig(vae_edits=-1)

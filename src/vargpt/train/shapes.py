@@ -83,6 +83,7 @@ from vargpt.train.shapes_data import (
     batch_group,
     copy_records,
     describe_records,
+    editing_mix,
     question_kind,
     shapes_corpus,
     shapes_processor,
@@ -310,10 +311,11 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     texts = shapes_corpus(und + single + gen + edi + caps) if run.tokenizer == "bpe" else None
     processor = shapes_processor(cfg, system_turn=run.system_turn, texts=texts)
 
-    # 1. tokenizer, on the generation targets, the edited images and ``vae_scenes`` understanding images: with fixed
+    # 1. tokenizer, on the generation targets, the edited images (the first ``vae_edits``) and ``vae_scenes``
+    # understanding images: with fixed
     # generation targets (few cells, large objects, three colours), the edits' and the questions' random scenes keep
     # every cell, size, colour and object count in its training images
-    images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi + und[:run.vae_scenes]]
+    images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi[: run.vae_edits] + und[: run.vae_scenes]]
     vae_cfg = VAETrainConfig(steps=run.vae_steps, batch_size=run.vae_batch, lr=run.vae_lr, lr_schedule="cosine",
                              foreground_weight=run.vae_foreground_weight, mixed_precision=run.vae_mixed_precision)
     losses = train_vae(model.vae, images, vae_cfg)
@@ -394,7 +396,7 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
     _set_schedule(model, FULL_RES)
     # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
     # generation only and its answers collapsed into edit replies, EVAL.md)
-    mix = edi + list(caps) + gen[: len(edi)] + (und[: len(edi)] + list(desc) if run.edit_llm else [])
+    mix = editing_mix(edi, caps, gen, und, desc, with_questions=run.edit_llm)
     stage = SHAPES_STAGES["edit" if run.edit_llm else "edit_frozen_llm"]
     llm_rate = {"backbone.model.language_model": run.edit_llm_lr} if run.edit_llm and run.edit_llm_lr else None
     losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,

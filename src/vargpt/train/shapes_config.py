@@ -94,6 +94,9 @@ class ShapesRunConfig:
     # 6,000 of them 0.989 and 0.990 (runs 19-20), but pre-DPO generation fell 0.906 -> 0.849 and 0.868, with
     # "A to the right of B" failing about half its prompts (EVAL.md runs 19-20). 0: none (runs 1-18, 21)
     vae_scenes: int = 0
+    # the first this many edited images among the tokenizer's training images (None: every one, runs 1-25). With more
+    # edits than run 24's 3,000 (``n_editing``) and ``vae_edits=3000`` the tokenizer trains on run 24's images
+    vae_edits: int | None = None
     vae_foreground_weight: float = 5.0  # small objects on white: without it every colour collapses (EVAL.md)
     vae_mixed_precision: str = "bf16"
     stage1_steps: int = 200
@@ -235,6 +238,8 @@ class ShapesRunConfig:
                      "stage2_describe"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
+        if self.vae_edits is not None and self.vae_edits < 0:
+            raise ValueError(f"ShapesRunConfig.vae_edits={self.vae_edits}: expected None (every edit) or >= 0")
         if self.vae_scenes > self.n_understanding:
             raise ValueError(f"ShapesRunConfig.vae_scenes={self.vae_scenes}: expected <= n_understanding "
                              f"({self.n_understanding}), the understanding images it takes from")

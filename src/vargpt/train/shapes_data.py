@@ -3,7 +3,7 @@ tokenizer's corpus, question kinds, batch groups and the copy records (``vargpt.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from vargpt.data.records import Message, SFTRecord
 from vargpt.data.shapes.grammar import DESCRIBE_QUESTION, key_caption, parse_caption, parse_cell_plan, parse_question
@@ -117,3 +117,15 @@ def describe_records(captions: Iterable[SFTRecord], limit: int | None = None, mi
                                   Message("assistant", key_caption(key))), r.images,
                                  source=f"describe of {r.source}"))
     return out
+
+
+def editing_mix(edits: Sequence[SFTRecord], captions: Sequence[SFTRecord], generation: Sequence[SFTRecord],
+                questions: Sequence[SFTRecord], describe: Sequence[SFTRecord] = (), *,
+                with_questions: bool = True) -> list[SFTRecord]:
+    """The editing SFT's mix: every edit and caption record, as many generation records as edits (the generation
+    records repeated in order when there are fewer), and, ``with_questions`` (the LLM training too), as many
+    questions as edits (the first ones) and the ``describe`` records. With run 24's split (3,000 edits, 6,000
+    generation records) this is its mix: edits, captions, generation records and questions, a quarter each."""
+    gen = [generation[i % len(generation)] for i in range(len(edits))] if generation else []
+    mix = list(edits) + list(captions) + gen
+    return mix + list(questions[: len(edits)]) + list(describe) if with_questions else mix
