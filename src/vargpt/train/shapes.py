@@ -312,9 +312,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     processor = shapes_processor(cfg, system_turn=run.system_turn, texts=texts)
 
     # 1. tokenizer, on the generation targets, the edited images (the first ``vae_edits``) and ``vae_scenes``
-    # understanding images: with fixed
-    # generation targets (few cells, large objects, three colours), the edits' and the questions' random scenes keep
-    # every cell, size, colour and object count in its training images
+    # understanding images: with fixed generation targets (few cells, large objects, three colours), the edits' and
+    # the questions' random scenes keep every cell, size, colour and object count in its training images
     images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi[: run.vae_edits] + und[: run.vae_scenes]]
     vae_cfg = VAETrainConfig(steps=run.vae_steps, batch_size=run.vae_batch, lr=run.vae_lr, lr_schedule="cosine",
                              foreground_weight=run.vae_foreground_weight, mixed_precision=run.vae_mixed_precision)
