@@ -40,6 +40,9 @@ class ShapesRunConfig:
     # suite prompts (EVAL.md "Probe after run 18"). In a full run (run 19, 1,500 with two other changes) above/below
     # passed as often as in run 18 and pre-DPO generation fell 0.906 -> 0.849. 0: none (runs 1-18, 20-21)
     n_vertical: int = 0
+    # edits (runs 1-27: 3000). From run 24's post_dpo, its editing SFT with 12,000 edits and 12,000 caption records
+    # (probe 28): understanding 0.898 -> 0.934, editing 0.306 -> 0.318; in a full run (run 28, with ``n_captions``
+    # 12000 and ``vae_edits=3000``): understanding 0.933, but editing 0.248 and a DPO gain of +0.004 (EVAL.md)
     n_editing: int = 3000
     # "fixed" (runs 1-21): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing
     # scored 0 to 0.002 in every run: the decoder never learned to redraw the source from the LLM's states.
