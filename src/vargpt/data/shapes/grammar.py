@@ -256,14 +256,7 @@ def cell_plan(scene: Scene) -> str:
 
 def parse_cell_plan(text: str) -> frozenset | None:
     """Scene key (set of (shape, color, size, cell)) of a ``cell_plan``, or None when it does not parse."""
-    keys = []
-    for part in (t.strip() for t in text.strip().split(",")):
-        m = re.fullmatch(rf"in the (?P<cell>{_CELL}) a (?P<size>{_SIZE}) (?P<color>{_COLOR}) (?P<shape>{_SHAPE})",
-                         part)
-        if not m:
-            return None
-        keys.append((m["shape"], m["color"], m["size"], m["cell"]))
-    return _scene_key(keys)
+    return _parse_objects(text, _PLAN_OBJECT)
 
 
 def key_caption(key: frozenset) -> str:
@@ -273,19 +266,22 @@ def key_caption(key: frozenset) -> str:
 
 def parse_caption(text: str) -> frozenset | None:
     """Scene key (set of (shape, color, size, cell)) of a caption, or None when it does not parse."""
-    parts = [t.strip() for t in text.strip().split(",")]
+    return _parse_objects(text, _CAPTION_OBJECT)
+
+
+_CAPTION_OBJECT = re.compile(rf"a (?P<size>{_SIZE}) (?P<color>{_COLOR}) (?P<shape>{_SHAPE}) in the (?P<cell>{_CELL})")
+_PLAN_OBJECT = re.compile(rf"in the (?P<cell>{_CELL}) a (?P<size>{_SIZE}) (?P<color>{_COLOR}) (?P<shape>{_SHAPE})")
+
+
+def _parse_objects(text: str, pattern: re.Pattern) -> frozenset | None:
+    """Scene key of ", "-joined object phrases, each matching ``pattern``; None when one does not match or two
+    objects share a cell (or repeat)."""
     keys = []
-    for part in parts:
-        m = re.fullmatch(rf"a (?P<size>{_SIZE}) (?P<color>{_COLOR}) (?P<shape>{_SHAPE}) in the (?P<cell>{_CELL})",
-                         part)
+    for part in (t.strip() for t in text.strip().split(",")):
+        m = pattern.fullmatch(part)
         if not m:
             return None
         keys.append((m["shape"], m["color"], m["size"], m["cell"]))
-    return _scene_key(keys)
-
-
-def _scene_key(keys: list[tuple[str, str, str, str]]) -> frozenset | None:
-    """The scene key of parsed objects; None when two objects share a cell (or repeat)."""
     if len(set(keys)) != len(keys) or len({k[3] for k in keys}) != len(keys):
         return None
     return frozenset(keys)
