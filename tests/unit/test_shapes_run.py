@@ -253,7 +253,8 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     for phase in ("stage2_warmup", "stage2") + (("stage2_color",) if edit_llm else ()):
         assert peak_rates(phase) == ({lr, 3e-4} if edit_llm else {lr})
     # ``stage3_llm_lr``: stage 3a / 3c train the LLM too, at that rate (None: frozen there, runs 1-12)
-    assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 1200  # runs 14-15
+    # run 29 (runs 14-28: 1200)
+    assert ShapesRunConfig().stage3_llm_lr == 1e-4 and ShapesRunConfig().stage3c_steps == 2000
     for phase in ("stage3a", "stage3c"):
         assert peak_rates(phase) == ({lr, 1e-4} if edit_llm else {lr})
     # ``stage3c_frozen_steps``: a stage-3c phase of the decoder and the projectors alone before it, own schedule

@@ -1,7 +1,7 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 24's recipe, the shipped model, in one
-go: ``vargpt train shapes --out DIR`` with these defaults took 81.7 min on this machine on 2026-12-06, when it ran
-about 1.9x as fast as for run 18's 81.8 min (EVAL.md "Run 24"). What each option did in the runs that tried it is in
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 29's recipe, the shipped model, in one
+go: ``vargpt train shapes --out DIR`` with these defaults took 82.5 min on this machine on 2026-12-07, when it ran
+about 1.9x as fast as for run 18's 81.8 min (EVAL.md "Run 29"). What each option did in the runs that tried it is in
 EVAL.md."""
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ class ShapesRunConfig:
     n_vertical: int = 0
     # edits (runs 1-27: 3000). From run 24's post_dpo, its editing SFT with 12,000 edits and 12,000 caption records
     # (probe 28): understanding 0.898 -> 0.934, editing 0.306 -> 0.318; in a full run (run 28, with ``n_captions``
-    # 12000 and ``vae_edits=3000``): understanding 0.933, but editing 0.248 and a DPO gain of +0.004 (EVAL.md)
-    n_editing: int = 3000
+    # 12000 and ``vae_edits=3000``): understanding 0.933, but editing 0.248 and a DPO gain of +0.004; run 29 (the
+    # shipped recipe: run 28 with ``stage3c_steps=2000``): understanding 0.929, editing 0.290 (EVAL.md)
+    n_editing: int = 12000
     # "fixed" (runs 1-21): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing
     # scored 0 to 0.002 in every run: the decoder never learned to redraw the source from the LLM's states.
     # "caption" (run 22): the reply names the edited scene ("Here is a small red circle in the top left, ...";
@@ -51,8 +52,8 @@ class ShapesRunConfig:
     # decoder draws what the text says, as it draws a prompt. From run 21's post_dpo, 3,000 steps of the editing SFT
     # with the LLM on such edits and captions: editing 0.002 -> 0.144; run 22 (with every run-22 value below): editing
     # 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the model shipped before run 23"); run 23
-    # (captions and edits in the editing SFT only): editing 0.198, generation 0.911; run 24 (the shipped
-    # recipe, 6,000 editing steps): editing 0.306.
+    # (captions and edits in the editing SFT only): editing 0.198, generation 0.911; run 24 (6,000 editing steps):
+    # editing 0.306; run 29 (the shipped recipe): 0.290.
     # "cells": the same scene as a ``cell_plan``, each object's cell before its attributes ("Here is in the top left
     # a small red circle, ..."; the caption records' replies too): in run 24's wrong replies the cells are right and
     # the attributes go to the wrong object, and with the cell named first the LLM reads the object it has just
@@ -60,10 +61,10 @@ class ShapesRunConfig:
     edit_reply: str = "caption"
     # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
     # what an edit's reply names) in the editing SFT's mix (and, ``stage3_captions``, stage 3's); 0: none (runs 1-21;
-    # run 22: 6000; runs 23-24, the shipped recipe: 3000). After run 24's editing SFT 0.628 of the one-object edits
-    # pass, 0.277 of the two-object and 0.050 of the three-object ones: the decoder draws a named cell for one
-    # object, rarely several
-    n_captions: int = 3000
+    # run 22: 6000; runs 23-27: 3000; runs 28-29, the shipped recipe: 12000, with ``n_editing``). After run 24's
+    # editing SFT 0.628 of the one-object edits pass, 0.277 of the two-object and 0.050 of the three-object ones
+    # (run 29: 0.559 / 0.303 / 0.031): the decoder draws a named cell for one object, rarely several
+    n_captions: int = 12000
     # the first this many caption records in stage 3's mixes (the frozen phase of stage 3c included); the editing SFT
     # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
     # 0.842, position 0.590); 0: none (runs 1-21, 23-24)
@@ -98,8 +99,9 @@ class ShapesRunConfig:
     # "A to the right of B" failing about half its prompts (EVAL.md runs 19-20). 0: none (runs 1-18, 21)
     vae_scenes: int = 0
     # the first this many edited images among the tokenizer's training images (None: every one, runs 1-25). With more
-    # edits than run 24's 3,000 (``n_editing``) and ``vae_edits=3000`` the tokenizer trains on run 24's images
-    vae_edits: int | None = None
+    # edits than run 24's 3,000 (``n_editing``) and ``vae_edits=3000`` (runs 28-29, the shipped recipe) the tokenizer
+    # trains on run 24's images: the same tokenizer (read-back 0.957)
+    vae_edits: int | None = 3000
     vae_foreground_weight: float = 5.0  # small objects on white: without it every colour collapses (EVAL.md)
     vae_mixed_precision: str = "bf16"
     stage1_steps: int = 200
@@ -121,8 +123,11 @@ class ShapesRunConfig:
     stage2_steps: int = 4000
     stage3a_steps: int = 300
     # run 8: 1300 (its pre-DPO generation 0.349); runs 11-12: 1600 (0.379, 0.448); run 13: 2500, with the LLM
-    # trainable (0.471); run 14: 1200 with the LLM, after ``stage3c_frozen_steps`` = 1600 without it (0.569)
-    stage3c_steps: int = 1200
+    # trainable (0.471); run 14: 1200 with the LLM, after ``stage3c_frozen_steps`` = 1600 without it (0.569; runs
+    # 14-28). From run 28's state after the frozen phase (EVAL.md "Probes after run 28"): 1200 steps again with another
+    # seed 0.736 (run 28: 0.769), 2000 steps 0.797, position 0.235 -> 0.495 and colour attribution 0.105 -> 0.330;
+    # run 29 (2000, the shipped recipe): 0.841, and editing 0.290 against run 28's 0.248
+    stage3c_steps: int = 2000
     # the LLM's rate in stage 3a / 3c (None: the LLM stays frozen there, runs 1-12); set, the LLM trains with the
     # decoder and the projectors, with the first ``stage3_questions`` understanding records in the mix. A probe from
     # run 12's pre_dpo (1,000 more stage-3c steps) reached 0.56 on a generation slice with the LLM at 1e-4 and 3,000
@@ -148,9 +153,11 @@ class ShapesRunConfig:
     # captions)
     stage3_editing: int = 0
     stage3_copies: int = 0
-    dpo_steps: int = 120  # runs 1-14 (in-run): 40
-    # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500; run 23: 3000 (editing 0.198); run 24,
-    # the shipped recipe: 6000 (editing 0.306)
+    # runs 1-14 (in-run): 40. Run 24's stage-3d round again with 800 prompts and 240 steps: 327 pairs (160),
+    # post-DPO 0.924 against 0.928 (EVAL.md "Probes after run 28")
+    dpo_steps: int = 120
+    # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500; run 23: 3000 (editing 0.198); runs 24-29
+    # (the shipped recipe): 6000 (editing 0.306 in run 24)
     edit_steps: int = 6000
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
