@@ -44,8 +44,8 @@ def test_the_shipped_checkpoint_is_ours_small_and_the_default(engine) -> None:
         ("tokenizer", 20, 0.85),  # 60 scenes; measured 0.914 (full suite 0.957; run 29's tokenizer is run 18's)
         ("understanding", 8, 0.80),  # 48 questions; measured 0.917 (full suite 0.929; run 24: 0.875 here)
         ("generation", 10, 0.80),  # 80 prompts, the checkpoint's sampling defaults; measured 0.900 (full suite 0.897)
-        # 40 edits, the model's own replies; measured 0.175 (full suite 0.290; run 24: 0.300 here and 0.306 on the
-        # full suite, within this slice's spread of about 0.07; run 21, without captioned edit replies: 0.002, and 0
+        # 40 edits, the model's own replies; measured 0.175 (full suite 0.290; run 24: 0.300 here, 0.306 on the full
+        # suite; 40 edits give a sampling error of about 0.07; run 21, without captioned edit replies: 0.002, and 0
         # on this slice)
         ("editing", 10, 0.10),
     ],
