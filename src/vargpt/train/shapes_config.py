@@ -77,7 +77,9 @@ class ShapesRunConfig:
     # 0: none (runs 1-24, the shipped recipe). Run 25 (both 3000): describe 0.848, understanding 0.913, but generation
     # 0.878 (pre-DPO 0.813 against run 24's 0.905) and editing 0.286; run 24's editing SFT again from its post_dpo with
     # ``n_describe=3000`` (``scripts/shapes_rerun_editing.py``): understanding 0.924, generation 0.896, editing 0.266
-    # against run 24's 0.898, 0.909 and 0.306 (EVAL.md run 25 and "Rerun 24d")
+    # against run 24's 0.898, 0.909 and 0.306 (EVAL.md run 25 and "Rerun 24d"); run 29's editing SFT again with
+    # ``n_describe=12000`` (10,861 records): understanding 0.929 -> 0.941, editing 0.290 -> 0.232 (EVAL.md "Probe
+    # after run 29")
     n_describe: int = 0
     stage2_describe: int = 0
     stage2_generation: int = 2000  # generation / editing records in stage 2's mix (stage 3 and editing see all)
