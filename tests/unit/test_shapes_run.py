@@ -406,6 +406,9 @@ def test_vertical_position_records_come_after_an_unchanged_split(tmp_path) -> No
     for bad in ({"n_vertical": -1}, {"vae_scenes": -1}, {"vae_scenes": 10, "n_understanding": 5}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
             ShapesRunConfig(**bad)
+    # the shipped recipe's tokenizer learns from 6,000 random scenes too (run 30; runs 1-29 but 19-20: none), and the
+    # quick run from 16 of its 64
+    assert ShapesRunConfig().vae_scenes == 6000 and ShapesRunConfig.quick().vae_scenes == 16
     with pytest.raises(ValueError, match="relations=.*expected some of"):
         sample_gen_prompt(random.Random(0), "position", relations=("beside",))
     kw = dict(seed=3, n_understanding=4, n_generation=8, n_editing=4, n_single=2, gen_layout="fixed")

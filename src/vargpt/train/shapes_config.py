@@ -1,8 +1,8 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
-``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 29's recipe, the shipped model, in one
-go: ``vargpt train shapes --out DIR`` with these defaults took 82.5 min on this machine on 2026-12-07, when it ran
-about 1.9x as fast as for run 18's 81.8 min (EVAL.md "Run 29"). What each option did in the runs that tried it is in
-EVAL.md."""
+``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are run 30's recipe, the shipped model, in one
+go: ``vargpt train shapes --out DIR`` with these defaults took 85.8 min on this machine on 2026-12-07, with a
+one-thread evaluation at low priority beside it for about 36 of them (run 29, the same recipe without
+``vae_scenes``, alone: 82.5 min; EVAL.md "Run 30"). What each option did in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class ShapesRunConfig:
     # edits (runs 1-27: 3000). From run 24's post_dpo, its editing SFT with 12,000 edits and 12,000 caption records
     # (probe 28): understanding 0.898 -> 0.934, editing 0.306 -> 0.318; in a full run (run 28, with ``n_captions``
     # 12000 and ``vae_edits=3000``): understanding 0.933, but editing 0.248 and a DPO gain of +0.004; run 29 (the
-    # shipped recipe: run 28 with ``stage3c_steps=2000``): understanding 0.929, editing 0.290 (EVAL.md)
+    # recipe shipped before run 30: run 28 with ``stage3c_steps=2000``): understanding 0.929, editing 0.290; run 30
+    # (with ``vae_scenes=6000``, the shipped recipe): 0.934, 0.310 (EVAL.md)
     n_editing: int = 12000
     # "fixed" (runs 1-21): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing
     # scored 0 to 0.002 in every run: the decoder never learned to redraw the source from the LLM's states.
@@ -53,7 +54,7 @@ class ShapesRunConfig:
     # with the LLM on such edits and captions: editing 0.002 -> 0.144; run 22 (with every run-22 value below): editing
     # 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the model shipped before run 23"); run 23
     # (captions and edits in the editing SFT only): editing 0.198, generation 0.911; run 24 (6,000 editing steps):
-    # editing 0.306; run 29 (the shipped recipe): 0.290.
+    # editing 0.306; run 29: 0.290; run 30 (the shipped recipe): 0.310.
     # "cells": the same scene as a ``cell_plan``, each object's cell before its attributes ("Here is in the top left
     # a small red circle, ..."; the caption records' replies too): in run 24's wrong replies the cells are right and
     # the attributes go to the wrong object, and with the cell named first the LLM reads the object it has just
@@ -61,9 +62,10 @@ class ShapesRunConfig:
     edit_reply: str = "caption"
     # caption-to-image records (``build_split(n_captions=...)``: random scenes drawn from their canonical caption,
     # what an edit's reply names) in the editing SFT's mix (and, ``stage3_captions``, stage 3's); 0: none (runs 1-21;
-    # run 22: 6000; runs 23-27: 3000; runs 28-29, the shipped recipe: 12000, with ``n_editing``). After run 24's
+    # run 22: 6000; runs 23-27: 3000; runs 28-30, the shipped recipe: 12000, with ``n_editing``). After run 24's
     # editing SFT 0.628 of the one-object edits pass, 0.277 of the two-object and 0.050 of the three-object ones
-    # (run 29: 0.559 / 0.303 / 0.031): the decoder draws a named cell for one object, rarely several
+    # (run 29: 0.559 / 0.303 / 0.031; run 30: 0.614 / 0.297 / 0.050): the decoder draws a named cell for one object,
+    # rarely several
     n_captions: int = 12000
     # the first this many caption records in stage 3's mixes (the frozen phase of stage 3c included); the editing SFT
     # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
@@ -98,11 +100,14 @@ class ShapesRunConfig:
     # split's) added to the tokenizer's training images, the generation targets and the edited images. Run 18's
     # fixed targets have three colours and no jitter, and its tokenizer read back 0.957 of the held-out scenes; with
     # 6,000 of them 0.989 and 0.990 (runs 19-20), but pre-DPO generation fell 0.906 -> 0.849 and 0.868, with
-    # "A to the right of B" failing about half its prompts (EVAL.md runs 19-20). 0: none (runs 1-18, 21)
-    vae_scenes: int = 0
+    # "A to the right of B" failing about half its prompts (EVAL.md runs 19-20). Run 30 (run 29 with 6000, the shipped
+    # recipe): read-back 0.990, and the editing SFT's images read back as their replies more often (0.388 -> 0.442,
+    # editing 0.290 -> 0.310), pre-DPO generation 0.841 -> 0.769, final 0.897 -> 0.858 (every category >= 0.73).
+    # 0: none (runs 1-18, 21-29)
+    vae_scenes: int = 6000
     # the first this many edited images among the tokenizer's training images (None: every one, runs 1-25). With more
-    # edits than run 24's 3,000 (``n_editing``) and ``vae_edits=3000`` (runs 28-29, the shipped recipe) the tokenizer
-    # trains on run 24's images: the same tokenizer (read-back 0.957)
+    # edits than run 24's 3,000 (``n_editing``) and ``vae_edits=3000`` (runs 28-30, the shipped recipe) the tokenizer
+    # trains on run 24's images (runs 28-29: run 24's tokenizer, read-back 0.957; run 30 adds ``vae_scenes``)
     vae_edits: int | None = 3000
     vae_foreground_weight: float = 5.0  # small objects on white: without it every colour collapses (EVAL.md)
     vae_mixed_precision: str = "bf16"
@@ -128,7 +133,7 @@ class ShapesRunConfig:
     # trainable (0.471); run 14: 1200 with the LLM, after ``stage3c_frozen_steps`` = 1600 without it (0.569; runs
     # 14-28). From run 28's state after the frozen phase (EVAL.md "Probes after run 28"): 1200 steps again with another
     # seed 0.736 (run 28: 0.769), 2000 steps 0.797, position 0.235 -> 0.495 and colour attribution 0.105 -> 0.330;
-    # run 29 (2000, the shipped recipe): 0.841, and editing 0.290 against run 28's 0.248
+    # run 29 (2000): 0.841, and editing 0.290 against run 28's 0.248; run 30 (2000, the shipped recipe): 0.769
     stage3c_steps: int = 2000
     # the LLM's rate in stage 3a / 3c (None: the LLM stays frozen there, runs 1-12); set, the LLM trains with the
     # decoder and the projectors, with the first ``stage3_questions`` understanding records in the mix. A probe from
@@ -205,7 +210,8 @@ class ShapesRunConfig:
     # From run 15's pre_dpo with clean teacher forcing, on 800 suite prompts: +0.030 with it, +0.023 without (within
     # the spread; EVAL.md "DPO probe after run 16"); from run 18's: +0.012 to +0.022 with it (three settings),
     # -0.001 without (EVAL.md "DPO probe after run 18"); in full runs, stage 3d +0.020 and +0.019 with it (runs 19-20,
-    # against -0.002 in run 18 without it), +0.008 in run 21 (the shipped recipe: True)
+    # against -0.002 in run 18 without it), +0.008 in run 21, from +0.004 to +0.044 in runs 22-30 (the shipped
+    # recipe: True)
     dpo_teacher: bool = True
     dpo_prompts: int = 400  # runs 1-14 (in-run): 160; run 15: 480; runs 16-17: 400
     dpo_candidates: int = 4
@@ -317,6 +323,6 @@ class ShapesRunConfig:
         return cls(n_understanding=64, n_single=16, n_generation=64, n_editing=32, stage2_generation=32,
                    stage2_editing=16, vae_steps=20, vae_batch=8, stage1_steps=4, stage2_warmup_steps=2,
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
-                   stage3c_frozen_steps=2, n_captions=16,
+                   stage3c_frozen_steps=2, n_captions=16, vae_scenes=16,
                    dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1,
                    sampling_edits=4)
