@@ -232,11 +232,11 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     kept = all(torch.equal(before[k], after[k]) for k in llm)
     assert llm and kept == (not edit_llm)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    # ``edit_lr``: the editing SFT at its own rate (the shipped recipe: 3e-4, run 23; run 21: 1e-6); None: at ``lr``,
-    # as stage 3c
+    # ``edit_lr``: the editing SFT at its own rate (the shipped recipe: 1e-3, run 30e; runs 23-30: 3e-4; run 21: 1e-6);
+    # None: at ``lr``, as stage 3c
     peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
             for phase in ("edit", "stage3c")}
-    assert ShapesRunConfig().edit_lr == 3e-4 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
+    assert ShapesRunConfig().edit_lr == 1e-3 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
     if edit_llm:
         assert peak["edit"] <= 1e-4 < peak["stage3c"]
     else:
