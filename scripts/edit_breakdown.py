@@ -24,14 +24,14 @@ for it in items:
     named = (parse_caption(text) or parse_cell_plan(text)) if text else None  # edit_reply "caption" or "cells"
     expected = parse_caption(it["expected"])
     right += named == expected
-    drawn += named is not None and parse_caption(it["read"]) == named
+    read = parse_caption(it["read"])  # scene key of the image as read back (None: nothing that parses)
+    drawn += named is not None and read == named
     right_and_pass += named == expected and it["pass"]
     if named:
-        read = parse_caption(it["read"]) or frozenset()  # (shape, color, size, cell) of each object read back
-        for obj in named:
+        for obj in named:  # (shape, color, size, cell)
             for group in ("all", obj[2], *(("triangle",) if obj[0] == "triangle" else ())):
                 named_n[group] += 1
-                named_ok[group] += obj in read
+                named_ok[group] += obj in (read or ())
     by_count[len(expected)] += 1
     passed[len(expected)] += it["pass"]
 by_objects = {k: round(passed[k] / by_count[k], 3) for k in sorted(by_count)}

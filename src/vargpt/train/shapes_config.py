@@ -3,7 +3,8 @@
 on this machine on 2026-12-07, with a one-thread evaluation at low priority beside it for about 36 of those minutes;
 run 29, the same recipe without ``vae_scenes``, alone: 82.5 min) with its editing SFT at ``edit_lr=1e-3``, which
 the shipped checkpoint ran again from run 30's ``post_dpo`` (EVAL.md "Run 30e"; the rate changes no phase's
-length). What each option did in the runs that tried it is in EVAL.md."""
+length; run 31 ran these defaults in one go: 152.4 min on a machine about 1.9x slower than run 30's, EVAL.md "Run
+31"). What each option did in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
