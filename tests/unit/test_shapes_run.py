@@ -237,6 +237,8 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
     peak = {phase: max(json.loads(line)["lr"] for line in (tmp_path / "run" / phase / "log.jsonl").open())
             for phase in ("edit", "stage3c")}
     assert ShapesRunConfig().edit_lr == 1e-3 and 0 < peak["stage3c"] <= ShapesRunConfig().lr
+    # the LLM's own rate there (the shipped recipe: 3e-4, run 31e; runs 22-31: 1e-4)
+    assert ShapesRunConfig().edit_llm_lr == 3e-4
     if edit_llm:
         assert peak["edit"] <= 1e-4 < peak["stage3c"]
     else:

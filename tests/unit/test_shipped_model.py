@@ -35,7 +35,7 @@ def test_the_shipped_checkpoint_is_ours_small_and_the_default(engine) -> None:
     assert engine.compat == "native"
     # default sampling settings: those the training run chose on validation prompts (EVAL.md), shipped with it
     assert (SHIPPED_CHECKPOINT / IMAGE_CONFIG_FILE).is_file() and engine.sampling in SAMPLING_CANDIDATES
-    # chosen on validation prompts: CFG 1.5 / tau 1.0 (runs 21-24, 29-30, 30e)
+    # chosen on validation prompts and edits: CFG 1.5 / tau 1.0 (runs 21-24, 29-30, 30e; run 31e with 400 edits)
     assert engine.sampling != SAMPLING_CANDIDATES[0]
 
 
@@ -44,12 +44,13 @@ def test_the_shipped_checkpoint_is_ours_small_and_the_default(engine) -> None:
     [
         # 60 scenes; measured 0.982 (full suite 0.990; run 29, whose tokenizer was run 18's: 0.914 here, 0.957)
         ("tokenizer", 20, 0.93),
-        ("understanding", 8, 0.80),  # 48 questions; measured 0.896 (full suite 0.939; run 29: 0.917 here)
-        ("generation", 10, 0.80),  # 80 prompts, the checkpoint's sampling defaults; measured 0.875 (full suite 0.870)
-        # 40 edits, the model's own replies; measured 0.350 (full suite 0.386; run 30: 0.225 here, 0.310 on the full
-        # suite; run 29: 0.175, 0.290; 40 edits give a sampling error of about 0.075; run 21, without captioned edit
-        # replies: 0.002, and 0 on this slice)
-        ("editing", 10, 0.20),
+        # 48 questions; measured 0.979 (full suite 0.957; run 30e: 0.896 here, 0.939; run 29: 0.917 here)
+        ("understanding", 8, 0.90),
+        ("generation", 10, 0.80),  # 80 prompts, the checkpoint's sampling defaults; measured 0.888 (full suite 0.860)
+        # 40 edits, the model's own replies; measured 0.450 (full suite 0.488; run 30e: 0.350 here, 0.386 on the full
+        # suite; run 30: 0.225, 0.310; run 29: 0.175, 0.290; 40 edits give a sampling error of about 0.08; run 21,
+        # without captioned edit replies: 0.002, and 0 on this slice)
+        ("editing", 10, 0.30),
     ],
 )
 def test_held_out_slices_score_what_eval_md_reports(engine, suite, limit, floor) -> None:
