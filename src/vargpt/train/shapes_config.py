@@ -46,8 +46,8 @@ class ShapesRunConfig:
     # (probe 28): understanding 0.898 -> 0.934, editing 0.306 -> 0.318; in a full run (run 28, with ``n_captions``
     # 12000 and ``vae_edits=3000``): understanding 0.933, but editing 0.248 and a DPO gain of +0.004; run 29 (the
     # recipe shipped before run 30: run 28 with ``stage3c_steps=2000``): understanding 0.929, editing 0.290; run 30
-    # (with ``vae_scenes=6000``): 0.934, 0.310; run 30e (its editing SFT at ``edit_lr=1e-3``, the shipped recipe):
-    # 0.939, 0.386 (EVAL.md)
+    # (with ``vae_scenes=6000``): 0.934, 0.310; run 30e (its editing SFT at ``edit_lr=1e-3``):
+    # 0.939, 0.386; run 31e (the shipped recipe, the LLM at ``edit_llm_lr=3e-4`` too): 0.957, 0.488 (EVAL.md)
     n_editing: int = 12000
     # "fixed" (runs 1-21): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing
     # scored 0 to 0.002 in every run: the decoder never learned to redraw the source from the LLM's states.
@@ -57,7 +57,7 @@ class ShapesRunConfig:
     # with the LLM on such edits and captions: editing 0.002 -> 0.144; run 22 (with every run-22 value below): editing
     # 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the model shipped before run 23"); run 23
     # (captions and edits in the editing SFT only): editing 0.198, generation 0.911; run 24 (6,000 editing steps):
-    # editing 0.306; run 29: 0.290; run 30: 0.310; run 30e (the shipped recipe): 0.386.
+    # editing 0.306; run 29: 0.290; run 30: 0.310; run 30e: 0.386; run 31e (the shipped recipe): 0.488.
     # "cells": the same scene as a ``cell_plan``, each object's cell before its attributes ("Here is in the top left
     # a small red circle, ..."; the caption records' replies too): in run 24's wrong replies the cells are right and
     # the attributes go to the wrong object, and with the cell named first the LLM reads the object it has just
@@ -67,8 +67,8 @@ class ShapesRunConfig:
     # what an edit's reply names) in the editing SFT's mix (and, ``stage3_captions``, stage 3's); 0: none (runs 1-21;
     # run 22: 6000; runs 23-27: 3000; runs 28-30, the shipped recipe: 12000, with ``n_editing``). After run 24's
     # editing SFT 0.628 of the one-object edits pass, 0.277 of the two-object and 0.050 of the three-object ones
-    # (run 29: 0.559 / 0.303 / 0.031; run 30: 0.614 / 0.297 / 0.050; run 30e: 0.710 / 0.400 / 0.075): the decoder
-    # draws a named cell for one object, rarely several
+    # (run 29: 0.559 / 0.303 / 0.031; run 30: 0.614 / 0.297 / 0.050; run 30e: 0.710 / 0.400 / 0.075; run 31e:
+    # 0.800 / 0.487 / 0.206): the decoder draws a named cell for one object, rarely several
     n_captions: int = 12000
     # the first this many caption records in stage 3's mixes (the frozen phase of stage 3c included); the editing SFT
     # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
@@ -176,9 +176,10 @@ class ShapesRunConfig:
     # stage 3d had gained); from run 20's post_dpo at 1e-6: -0.001 (EVAL.md "Probe after run 20"); run 21 1e-6:
     # +0.006, and its editing scored 0.002, its first pass in a full run. Run 22 (captioned replies, the LLM training
     # too, generation and captions in the mix): 3e-4, the probe's; runs 23-30: 3e-4 (runs 23-24: from post-DPO to final,
-    # generation went 0.928 -> 0.911 and 0.909 on the suite). From run 30's post_dpo at 1e-3 (probe 31, the shipped
-    # model; ``scripts/shapes_rerun_editing.py --set edit_lr=1e-3``): editing 0.310 -> 0.386 (the image reads back as
-    # its reply 0.442 -> 0.562), generation 0.858 -> 0.870, understanding 0.934 -> 0.939 (EVAL.md "Run 30e")
+    # generation went 0.928 -> 0.911 and 0.909 on the suite). From run 30's post_dpo at 1e-3 (probe 31, run 30e,
+    # shipped before run 31e; ``scripts/shapes_rerun_editing.py --set edit_lr=1e-3``): editing 0.310 -> 0.386 (the
+    # image reads back as its reply 0.442 -> 0.562), generation 0.858 -> 0.870, understanding 0.934 -> 0.939 (EVAL.md
+    # "Run 30e")
     edit_lr: float | None = 1e-3
     # False (runs 8-21): the editing SFT trains the decoder and the projectors only, without questions in its mix (a
     # probe from run 7's post_dpo: understanding 0.737 against 0.697, editing 0 either way, EVAL.md run 7); True:
