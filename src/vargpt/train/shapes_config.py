@@ -189,7 +189,8 @@ class ShapesRunConfig:
     # the LLM's peak rate there with ``edit_llm`` (None: ``edit_lr``; run 7). Runs 22-31: 1e-4. From run 31's
     # post_dpo at 3e-4 (run 31e, the shipped model; ``scripts/shapes_rerun_editing.py --set edit_llm_lr=3e-4``):
     # understanding 0.937 -> 0.957 (describe 0.793 -> 0.872), the reply names the expected scene 0.554 -> 0.670, and
-    # at CFG 1.5 / tau 1.0 editing 0.402 -> 0.488 and generation 0.866 -> 0.860 (EVAL.md "Run 31e")
+    # at CFG 1.5 / tau 1.0 editing 0.402 -> 0.488 and generation 0.866 -> 0.860; at 6e-4 (probe 33): understanding
+    # 0.934, editing 0.426 (EVAL.md "Run 31e")
     edit_llm_lr: float | None = 3e-4
     batch_size: int = 16
     # the SFT phases' peak rate (the LLM's in stage 2: ``llm_lr``). At 1e-3 the LLM's answer-position heads saturate
