@@ -418,8 +418,8 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     but for the random streams the phases share through the global torch RNG (the editing SFT's bit flips and
     condition dropout: seeded with ``run.seed`` right before the first rerun step rather than carried on from the
     phases before). The shipped checkpoints of run 11 (from post_dpo), run 14 (from pre_dpo), run 30e (from run 30's
-    post_dpo, with ``edit_lr=1e-3``) and run 31e (from run 31's, with ``edit_llm_lr=3e-4``) were made this way
-    (EVAL.md)."""
+    post_dpo, with ``edit_lr=1e-3``), run 31e (from run 31's, with ``edit_llm_lr=3e-4``) and run 31f (the same with
+    ``edit_steps=12000``) were made this way (EVAL.md)."""
     if start not in ("post_dpo", "pre_dpo"):
         raise ValueError(f"start={start!r}: expected 'post_dpo' or 'pre_dpo'")
     run = run or ShapesRunConfig()

@@ -1,10 +1,11 @@
 """``ShapesRunConfig``: the sizes, step counts and options of the Shapes recipe (``vargpt.train.shapes.run_shapes``;
 ``vargpt train shapes --set KEY=VALUE`` sets any field). The defaults are the shipped model's recipe: run 31 (the
 recipe of run 30, 85.8 min on run 30's machine on 2026-12-07, with its editing SFT at ``edit_lr=1e-3``; run 31 took
-152.4 min on a machine about 1.9x slower, EVAL.md "Run 31") with its editing SFT's LLM at ``edit_llm_lr=3e-4`` and
-the final sampling choice on 400 validation edits, which the shipped checkpoint ran again from run 31's
-``post_dpo`` (EVAL.md "Run 31e"; the rate changes no phase's length, the choice adds about 2.5 min on that slower
-machine). What each option did in the runs that tried it is in EVAL.md."""
+152.4 min on a machine about 1.9x slower, EVAL.md "Run 31") with its editing SFT's LLM at ``edit_llm_lr=3e-4``,
+12,000 editing steps rather than 6,000 and the final sampling choice on 400 validation edits, which the shipped
+checkpoint ran again from run 31's ``post_dpo`` (EVAL.md "Run 31f"; the doubled editing SFT takes about 60 min more
+on that slower machine, about 33 more on run 30's, so the one command no longer fits 90 min). What each option did
+in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ class ShapesRunConfig:
     # 12000 and ``vae_edits=3000``): understanding 0.933, but editing 0.248 and a DPO gain of +0.004; run 29 (the
     # recipe shipped before run 30: run 28 with ``stage3c_steps=2000``): understanding 0.929, editing 0.290; run 30
     # (with ``vae_scenes=6000``): 0.934, 0.310; run 30e (its editing SFT at ``edit_lr=1e-3``):
-    # 0.939, 0.386; run 31e (the shipped recipe, the LLM at ``edit_llm_lr=3e-4`` too): 0.957, 0.488 (EVAL.md)
+    # 0.939, 0.386; run 31e (the LLM at ``edit_llm_lr=3e-4`` too): 0.957, 0.488; run 31f (the shipped recipe, 12,000
+    # editing steps): 0.977, 0.574 (EVAL.md)
     n_editing: int = 12000
     # "fixed" (runs 1-21): an edit's reply is one of ``EDIT_REPLIES`` ("Done."), and editing
     # scored 0 to 0.002 in every run: the decoder never learned to redraw the source from the LLM's states.
@@ -57,7 +59,8 @@ class ShapesRunConfig:
     # with the LLM on such edits and captions: editing 0.002 -> 0.144; run 22 (with every run-22 value below): editing
     # 0.146, generation 0.842 with position 0.590 (EVAL.md "Run 22 and the model shipped before run 23"); run 23
     # (captions and edits in the editing SFT only): editing 0.198, generation 0.911; run 24 (6,000 editing steps):
-    # editing 0.306; run 29: 0.290; run 30: 0.310; run 30e: 0.386; run 31e (the shipped recipe): 0.488.
+    # editing 0.306; run 29: 0.290; run 30: 0.310; run 30e: 0.386; run 31e: 0.488; run 31f (the shipped recipe):
+    # 0.574.
     # "cells": the same scene as a ``cell_plan``, each object's cell before its attributes ("Here is in the top left
     # a small red circle, ..."; the caption records' replies too): in run 24's wrong replies the cells are right and
     # the attributes go to the wrong object, and with the cell named first the LLM reads the object it has just
@@ -68,7 +71,8 @@ class ShapesRunConfig:
     # run 22: 6000; runs 23-27: 3000; runs 28-30, the shipped recipe: 12000, with ``n_editing``). After run 24's
     # editing SFT 0.628 of the one-object edits pass, 0.277 of the two-object and 0.050 of the three-object ones
     # (run 29: 0.559 / 0.303 / 0.031; run 30: 0.614 / 0.297 / 0.050; run 30e: 0.710 / 0.400 / 0.075; run 31e:
-    # 0.800 / 0.487 / 0.206): the decoder draws a named cell for one object, rarely several
+    # 0.800 / 0.487 / 0.206; run 31f: 0.821 / 0.631 / 0.281): the decoder draws a named cell for one object, rarely
+    # several
     n_captions: int = 12000
     # the first this many caption records in stage 3's mixes (the frozen phase of stage 3c included); the editing SFT
     # has all of them. Run 22: 6000, and half of stage 3's generation steps went to captions and edits (generation
@@ -166,9 +170,12 @@ class ShapesRunConfig:
     # runs 1-14 (in-run): 40. Run 24's stage-3d round again with 800 prompts and 240 steps: 327 pairs (160),
     # post-DPO 0.924 against 0.928 (EVAL.md "Probes after run 28")
     dpo_steps: int = 120
-    # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500; run 23: 3000 (editing 0.198); runs 24-29
-    # (the shipped recipe): 6000 (editing 0.306 in run 24)
-    edit_steps: int = 6000
+    # run 8: 600; runs 9-15: 200 (300 in run 9); runs 16-21: 100; run 22: 1500; run 23: 3000 (editing 0.198); runs
+    # 24-31: 6000 (editing 0.306 in run 24, 0.488 in run 31e). From run 31's post_dpo with run 31e's rates, 12,000
+    # (run 31f, the shipped recipe; ``scripts/shapes_rerun_editing.py --set edit_steps=12000``): editing 0.488 ->
+    # 0.574 (the reply right 0.670 -> 0.830), understanding 0.957 -> 0.977, generation 0.860 -> 0.859, at twice the
+    # phase's time (59.2 -> 120.7 min for the rerun on a slow machine; EVAL.md "Run 31f")
+    edit_steps: int = 12000
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
@@ -187,7 +194,7 @@ class ShapesRunConfig:
     # out: the shipped recipe)
     edit_llm: bool = True
     # the LLM's peak rate there with ``edit_llm`` (None: ``edit_lr``; run 7). Runs 22-31: 1e-4. From run 31's
-    # post_dpo at 3e-4 (run 31e, the shipped model; ``scripts/shapes_rerun_editing.py --set edit_llm_lr=3e-4``):
+    # post_dpo at 3e-4 (run 31e; ``scripts/shapes_rerun_editing.py --set edit_llm_lr=3e-4``):
     # understanding 0.937 -> 0.957 (describe 0.793 -> 0.872), the reply names the expected scene 0.554 -> 0.670, and
     # at CFG 1.5 / tau 1.0 editing 0.402 -> 0.488 and generation 0.866 -> 0.860; at 6e-4 (probe 33): understanding
     # 0.934, editing 0.426 (EVAL.md "Run 31e")
@@ -240,7 +247,7 @@ class ShapesRunConfig:
     # (by 0.003 and 0.013), where the full suites' mean is higher at CFG 1.5 / tau 1.0 (by 0.014 and 0.012); with
     # 400 both chose CFG 1.5 / tau 1.0, each by 0.001: the two settings are close on the mean, and 400 edits make
     # the choice follow the full suites' ranking here (about 30 s more per candidate on this machine; EVAL.md
-    # "Run 31e")
+    # "Run 31e"). Run 31f (12,000 editing steps) chose CFG 1.5 / tau 1.0 by 0.012
     sampling_edits: int = 400
     vae_padding_mode: str | None = None  # None: the shapes preset's ("zeros"; "replicate" was tried, EVAL.md)
     # Two ways to shorter CPU steps, off in the shipped recipe (run 6 had both, with 4,200 stage-2 steps in 77.5
