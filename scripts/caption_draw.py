@@ -1,0 +1,45 @@
+"""How well the decoder draws the editing suite's expected scenes from their captions alone: each held-out edit's
+target caption as a plain generation prompt (no source image, no instruction; the reply "Here is {caption}." as the
+generation suite writes it), with the editing suite's seeds and the checkpoint's sampling defaults, read back by the
+scorer. Printed by the number of objects, beside the editing suite's pass rate where the model's reply was right
+(from its JSON), so the drawing of a caption with and without the edit's context can be compared (EVAL.md run 31f).
+
+usage: python scripts/caption_draw.py CHECKPOINT EDITING_JSON
+(EDITING_JSON: ``vargpt eval shapes --checkpoint CHECKPOINT --suite editing --out DIR`` -> DIR/editing.json)
+"""
+
+import json
+import sys
+from collections import Counter
+
+from vargpt.data.shapes.scorer import read_image
+from vargpt.engine import Engine
+from vargpt.eval.shapes import GEN_REPLY, _batches, _is_scene, editing_items, fit_canvas, read_caption
+from vargpt.generation.params import ImageParams
+
+if len(sys.argv) != 3:
+    sys.exit(__doc__)
+engine = Engine.load(sys.argv[1])
+suite = json.loads(open(sys.argv[2]).read())["items"]
+items = editing_items()
+if len(suite) != len(items) or any(s["expected"] != read_caption(it["target"].objects)
+                                   for s, it in zip(suite, items, strict=True)):
+    sys.exit(f"{sys.argv[2]}: not the full editing suite's items in order (expected {len(items)} edits)")
+params, batch = ImageParams(), 32  # the editing suite's: the checkpoint's defaults, seeds from 0 in item order
+n, drawn, right, right_pass = Counter(), Counter(), Counter(), Counter()
+for b, chunk in enumerate(_batches(items, batch, "captions")):
+    caps = [read_caption(it["target"].objects) for it in chunk]
+    encs = [engine.processor.encode([{"role": "user", "content": c}], assistant_prefix=GEN_REPLY.format(p=c))
+            for c in caps]
+    imgs = engine.generate_images(encs, params, seeds=[params.seed + b * batch + i for i in range(len(chunk))])
+    for i, (it, img) in enumerate(zip(chunk, imgs, strict=True)):
+        k, s = len(it["target"].objects), suite[b * batch + i]
+        n[k] += 1
+        drawn[k] += _is_scene(read_image(fit_canvas(img.image)), it["target"])
+        if s["reply"] == GEN_REPLY.format(p=s["expected"]):
+            right[k] += 1
+            right_pass[k] += s["pass"]
+for k in sorted(n) + ["all"]:
+    tot = (lambda c: sum(c.values())) if k == "all" else (lambda c, k=k: c[k])
+    print(f"{k} object(s): {tot(n)} edits; caption alone drawn right {tot(drawn) / tot(n):.3f}; "
+          f"edits with a right reply {tot(right)}, passed {tot(right_pass) / max(1, tot(right)):.3f}")
