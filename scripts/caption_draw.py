@@ -4,10 +4,12 @@ generation suite writes it), with the editing suite's seeds and the checkpoint's
 scorer. Printed by the number of objects, beside the editing suite's pass rate where the model's reply was right
 (from its JSON), so the drawing of a caption with and without the edit's context can be compared (EVAL.md run 31f).
 
-usage: python scripts/caption_draw.py CHECKPOINT EDITING_JSON
-(EDITING_JSON: ``vargpt eval shapes --checkpoint CHECKPOINT --suite editing --out DIR`` -> DIR/editing.json)
+usage: python scripts/caption_draw.py CHECKPOINT EDITING_JSON [--cfg X --temperature X --top-p X]
+(EDITING_JSON: ``vargpt eval shapes --checkpoint CHECKPOINT --suite editing --out DIR`` -> DIR/editing.json; the
+sampling options, each left out: the checkpoint's default)
 """
 
+import argparse
 import json
 import sys
 from collections import Counter
@@ -17,15 +19,22 @@ from vargpt.engine import Engine
 from vargpt.eval.shapes import GEN_REPLY, _batches, _is_scene, editing_items, fit_canvas, read_caption
 from vargpt.generation.params import ImageParams
 
-if len(sys.argv) != 3:
-    sys.exit(__doc__)
-engine = Engine.load(sys.argv[1])
-suite = json.loads(open(sys.argv[2]).read())["items"]
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("checkpoint")
+parser.add_argument("editing_json")
+parser.add_argument("--cfg", type=float)
+parser.add_argument("--temperature", type=float)
+parser.add_argument("--top-p", type=float)
+args = parser.parse_args()
+engine = Engine.load(args.checkpoint)
+suite = json.loads(open(args.editing_json).read())["items"]
 items = editing_items()
 if len(suite) != len(items) or any(s["expected"] != read_caption(it["target"].objects)
                                    for s, it in zip(suite, items, strict=True)):
-    sys.exit(f"{sys.argv[2]}: not the full editing suite's items in order (expected {len(items)} edits)")
-params, batch = ImageParams(), 32  # the editing suite's: the checkpoint's defaults, seeds from 0 in item order
+    sys.exit(f"{args.editing_json}: not the full editing suite's items in order (expected {len(items)} edits)")
+# the editing suite's seeds (from 0 in item order); the checkpoint's sampling defaults where an option is left out
+params = ImageParams(cfg_scale=args.cfg, temperature=args.temperature, top_p=args.top_p)
+batch = 32
 n, drawn, right, right_pass = Counter(), Counter(), Counter(), Counter()
 for b, chunk in enumerate(_batches(items, batch, "captions")):
     caps = [read_caption(it["target"].objects) for it in chunk]
