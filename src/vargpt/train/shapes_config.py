@@ -3,7 +3,7 @@
 recipe of run 30, 85.8 min on run 30's machine on 2026-12-07, with its editing SFT at ``edit_lr=1e-3``; run 31 took
 152.4 min on a machine about 1.9x slower, EVAL.md "Run 31") with its editing SFT's LLM at ``edit_llm_lr=3e-4``,
 12,000 editing steps rather than 6,000 and the final sampling choice on 400 validation edits, which the shipped
-checkpoint ran again from run 31's ``post_dpo`` (EVAL.md "Run 31f"; the doubled editing SFT takes about 60 min more
+checkpoint ran again from run 31's ``post_dpo`` (EVAL.md "Run 31f"; the doubled editing SFT takes about 63 min more
 on that slower machine, about 33 more on run 30's, so the one command no longer fits 90 min). What each option did
 in the runs that tried it is in EVAL.md."""
 
