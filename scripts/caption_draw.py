@@ -14,9 +14,9 @@ import json
 import sys
 from collections import Counter
 
-from vargpt.data.shapes.scorer import read_image
+from vargpt.data.shapes.tasks import EDIT_PLAN_REPLY
 from vargpt.engine import Engine
-from vargpt.eval.shapes import GEN_REPLY, _batches, _is_scene, editing_items, fit_canvas, read_caption
+from vargpt.eval.shapes import GEN_REPLY, _batches, editing_items, read_caption, reads_back
 from vargpt.generation.params import ImageParams
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,11 +44,11 @@ for b, chunk in enumerate(_batches(items, batch, "captions")):
     for i, (it, img) in enumerate(zip(chunk, imgs, strict=True)):
         k, s = len(it["target"].objects), suite[b * batch + i]
         n[k] += 1
-        drawn[k] += _is_scene(read_image(fit_canvas(img.image)), it["target"])
-        if s["reply"] == GEN_REPLY.format(p=s["expected"]):
+        drawn[k] += reads_back(img.image, it["target"])
+        if s["reply"] == EDIT_PLAN_REPLY.format(caption=s["expected"]):
             right[k] += 1
             right_pass[k] += s["pass"]
 for k in sorted(n) + ["all"]:
-    tot = (lambda c: sum(c.values())) if k == "all" else (lambda c, k=k: c[k])
-    print(f"{k} object(s): {tot(n)} edits; caption alone drawn right {tot(drawn) / tot(n):.3f}; "
-          f"edits with a right reply {tot(right)}, passed {tot(right_pass) / max(1, tot(right)):.3f}")
+    a, d, r, rp = (sum(c.values()) if k == "all" else c[k] for c in (n, drawn, right, right_pass))
+    print(f"{k} object(s): {a} edits; caption alone drawn right {d / a:.3f}; "
+          f"edits with a right reply {r}, passed {rp / max(1, r):.3f}")
