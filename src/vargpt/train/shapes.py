@@ -23,8 +23,9 @@ the stages that officially start from pretrained parts also train those parts he
    (``disable_dropout``) and they stay 0, so stage 3c and the editing SFT train without them (every run so far);
    with ``stage3c_frozen_steps`` stage 3c begins with that many steps of the decoder and the projectors alone;
 5. editing SFT: decoder + projectors (``edit_llm=True``: the LLM too, at ``edit_llm_lr``, with questions in the
-   mix, as in runs 7 and 22; its own learning rate with ``edit_lr``, run 9); then the final checkpoint's sampling
-   defaults are chosen again the same way.
+   mix, as in runs 7 and 22; its own learning rate with ``edit_lr``, run 9); then (``edit_dpo_prompts``) a DPO round
+   on caption prompts, the rendered scene as the teacher's candidate, reference = the editing SFT's result; then the
+   final checkpoint's sampling defaults are chosen again the same way.
 
 Edits (``edit_reply="caption"``, runs 22-23): an edit's reply names the edited scene in the words of a description
 ("Here is a small red circle in the top left, ..."), and caption records (``n_captions``) teach the decoder to
@@ -60,9 +61,9 @@ from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
-from vargpt.data.shapes.grammar import scene_for_prompt
+from vargpt.data.shapes.grammar import parse_caption, scene_for_prompt
 from vargpt.data.shapes.tasks import build_split, eval_scenes
-from vargpt.data.shapes.world import render
+from vargpt.data.shapes.world import Obj, Scene, render
 from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
 from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, load_sampling_defaults, save_sampling_defaults
@@ -92,7 +93,7 @@ from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
 __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "shapes_reward",
-           "shapes_teacher", "run_shapes", "rerun_editing",
+           "shapes_teacher", "caption_reward", "caption_teacher", "caption_prompts", "run_shapes", "rerun_editing",
            # re-exported from ``vargpt.train.shapes_data``
            "SHAPES_IMAGE_MEAN", "SHAPES_IMAGE_STD", "SHAPES_CHAT_TEMPLATE", "GROUP_CHARS", "COPY_INSTRUCTION",
            "COPY_REPLY", "batch_group", "copy_records", "describe_records", "question_kind", "shapes_corpus",
@@ -101,7 +102,7 @@ __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATIO
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
 #: The seed of each DPO round (its prompts and its candidates' sampling seeds derive from it).
-DPO_ROUND_SEEDS = {"stage3b": 101, "stage3d": 303}
+DPO_ROUND_SEEDS = {"stage3b": 101, "stage3d": 303, "edit_dpo": 505}
 #: Seed of the validation prompts the sampling defaults are chosen on (the generation suite uses ``EVAL_SEED``).
 VALIDATION_SEED = EVAL_SEED + 777
 #: Default sampling settings tried before each DPO round and after the editing SFT (first = the official ones; ties
@@ -159,6 +160,43 @@ def shapes_teacher(layout: str) -> Callable[[str], Image.Image]:
         return render(scene_for_prompt(rng, parse_gen_prompt(prompt), layout))
 
     return teacher
+
+
+def _caption_scene(prompt: str) -> Scene:
+    """The scene a canonical caption names, without jitter (as the caption records draw it)."""
+    key = parse_caption(prompt)
+    if key is None:
+        raise ValueError(f"not a caption of a valid scene (SHAPES.md object phrases, one per cell): {prompt!r}")
+    return Scene(tuple(Obj(shape=sh, color=c, size=sz, cell=cell, jitter=(0, 0)) for sh, c, sz, cell in key))
+
+
+def caption_reward(prompt: str, image) -> float:
+    """DPO ranking of a caption prompt's drawing: 1 when the image reads back (SHAPES.md rules) as exactly the scene
+    the caption names, plus 0.5 x the share of its objects read back as named (shape, colour, size and cell)."""
+    want = parse_caption(prompt)
+    if want is None:
+        raise ValueError(f"caption_reward: not a caption of a valid scene: {prompt!r}")
+    got = {(o.shape, o.color, o.size, o.cell) for o in read_image(fit_canvas(image))}
+    return float(got == set(want)) + 0.5 * len(got & want) / len(want)
+
+
+def caption_teacher(prompt: str) -> Image.Image:
+    """``teacher_fn`` of ``build_pairs`` for caption prompts: the rendered scene the caption names (no jitter, as
+    the caption records' images), which reads back as the caption by construction."""
+    return render(_caption_scene(prompt))
+
+
+def caption_prompts(path: str | Path) -> list[str]:
+    """The captions (``meta.prompt``) of a split's caption records (``captions.jsonl``), in order; a record without
+    one raises ``ValueError`` naming the file and line."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            prompt = json.loads(line).get("meta", {}).get("prompt")
+            if not isinstance(prompt, str) or parse_caption(prompt) is None:
+                raise ValueError(f"{path}:{i}: meta.prompt: expected the record's caption, got {prompt!r}")
+            prompts.append(prompt)
+    return prompts
 
 
 def _log(out: Path, msg: str) -> None:
@@ -246,12 +284,34 @@ def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConf
 
 def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int,
          sampling: ImageParams) -> list[float]:
-    engine = Engine(model.eval(), processor, sampling=sampling)
+    """A DPO round on generation prompts (stages 3b and 3d)."""
     rng = random.Random(run.seed + round_seed)
     prompts = [sample_gen_prompt(rng, GEN_CATEGORIES[i % len(GEN_CATEGORIES)]).text for i in range(run.dpo_prompts)]
-    pairs = build_pairs(engine, prompts, n_candidates=run.dpo_candidates, reward_fn=shapes_reward,
+    return _dpo_round(model, processor, run, out, name, round_seed, sampling, prompts, shapes_reward,
+                      shapes_teacher(run.gen_layout) if run.dpo_teacher else None, run.dpo_steps, run.dpo_lr)
+
+
+def _caption_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams,
+                 prompts: list[str]) -> list[float]:
+    """The DPO round on caption prompts after the editing SFT (``run.edit_dpo_prompts`` of ``prompts``)."""
+    if not run.edit_dpo_prompts:
+        return []
+    if len(prompts) < run.edit_dpo_prompts:
+        raise ValueError(f"edit_dpo_prompts={run.edit_dpo_prompts}: only {len(prompts)} caption records' captions")
+    return _dpo_round(model, processor, run, out, "edit_dpo", DPO_ROUND_SEEDS["edit_dpo"], sampling,
+                      prompts[: run.edit_dpo_prompts], caption_reward, caption_teacher, run.edit_dpo_steps,
+                      run.edit_dpo_lr)
+
+
+def _dpo_round(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int, sampling: ImageParams,
+               prompts: list[str], reward_fn, teacher_fn, steps: int, lr: float) -> list[float]:
+    """Pairs sampled with ``sampling`` (``run.dpo_candidates`` per prompt, and ``teacher_fn``'s candidate), ranked
+    by ``reward_fn``; then ``steps`` DPO steps at ``lr`` against a frozen copy of the model (the rest: ``run``'s DPO
+    settings)."""
+    engine = Engine(model.eval(), processor, sampling=sampling)
+    pairs = build_pairs(engine, prompts, n_candidates=run.dpo_candidates, reward_fn=reward_fn,
                         params=ImageParams(seed=round_seed), out_dir=out / name / "pairs", seed=round_seed,
-                        teacher_fn=shapes_teacher(run.gen_layout) if run.dpo_teacher else None)
+                        teacher_fn=teacher_fn)
     records = load_records(pairs, kind="dpo").records
     if not records:
         _log(out, f"{name}: every prompt tied (no pair); DPO skipped")
@@ -263,7 +323,7 @@ def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_see
     step = DPOStep(reference, beta=run.dpo_beta, sft_weight=run.dpo_sft_weight, seed=run.seed,
                    bsc_max_strength=run.dpo_bsc)
     collate = DPOCollator(model.config, processor, crop="center")
-    cfg = TrainConfig(lr=run.dpo_lr, max_steps=run.dpo_steps, batch_size=max(1, run.batch_size // 4),
+    cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=max(1, run.batch_size // 4),
                       warmup_ratio=0.1, seed=run.seed, out_dir=str(out / name), log_every=1)
     _log(out, f"{name}: {len(records)} preference pairs from {len(prompts)} prompts")
     losses = train(model.train(), records, collate, cfg, step_fn=step).losses
@@ -382,16 +442,16 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
             _save(model, processor, out / "post_dpo", sampling)
 
     # 5. editing
-    final = _finish(model, processor, gen, edi, und, run, out, sampling, caps, desc)
+    cap_prompts = caption_prompts(split.captions) if split.captions else []
+    final = _finish(model, processor, gen, edi, und, run, out, sampling, caps, desc, cap_prompts)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
     return final
 
 
 def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sampling: ImageParams,
-            caps=(), desc=()) -> Path:
-    """The recipe's last two steps: the editing SFT (edits, ``caps`` caption records, generation records and, with
-    ``edit_llm``, questions and ``desc`` describe records), then the final checkpoint's sampling defaults ->
-    ``out/final``."""
+            caps=(), desc=(), cap_prompts=()) -> Path:
+    """The recipe's last steps: the editing SFT (edits, ``caps`` caption records, generation records and, with
+    ``edit_llm``, questions and ``desc`` describe records), then ``_last_steps``."""
     _set_schedule(model, FULL_RES)
     # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
     # generation only and its answers collapsed into edit replies, EVAL.md)
@@ -401,6 +461,14 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
     losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
                   monitor="editing", sampling=sampling, module_lr=llm_rate)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
+    return _last_steps(model, processor, run, out, sampling, list(cap_prompts))
+
+
+def _last_steps(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams,
+                cap_prompts: list[str]) -> Path:
+    """After the editing SFT: the DPO round on caption prompts (``run.edit_dpo_prompts`` of ``cap_prompts``), then
+    the final checkpoint's sampling defaults -> ``out/final``."""
+    _caption_dpo(model, processor, run, out, sampling, cap_prompts)
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
     # model), so the final checkpoint's defaults are chosen again, on validation edits as well (``sampling_edits``)
     sampling = _select_sampling(model, processor, run, out, "edit", edits=True)
@@ -408,20 +476,23 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
 
 
 def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig | None = None,
-                  start: str = "post_dpo") -> Path:
+                  start: str = "post_dpo", data_dir: str | Path | None = None) -> Path:
     """The last steps of ``run`` again from a finished ``run_shapes`` in ``run_dir`` (its training split in
-    ``run_dir/data``) -> ``out_dir/final`` (log in ``out_dir/log.txt``): from ``start="post_dpo"`` the editing SFT and
-    the final sampling choice; from ``start="pre_dpo"`` the stage-3d DPO round first (with ``run``'s DPO settings and
-    the sampling defaults ``pre_dpo`` holds; its result is written to ``out_dir/post_dpo``).
+    ``data_dir``, default ``run_dir/data``) -> ``out_dir/final`` (log in ``out_dir/log.txt``): from
+    ``start="post_dpo"`` the editing SFT, the DPO round on caption prompts (``edit_dpo_prompts``) and the final
+    sampling choice; from ``start="pre_dpo"`` the stage-3d DPO round first (with ``run``'s DPO settings and the
+    sampling defaults ``pre_dpo`` holds; its result is written to ``out_dir/post_dpo``); from ``start="final"`` (a
+    finished run's, or a rerun's, editing SFT) the caption DPO round and the sampling choice only, with the sampling
+    defaults ``final`` holds.
 
     Everything before these steps is the run's own, so this equals ``run_shapes`` with ``run``'s settings for them
     but for the random streams the phases share through the global torch RNG (the editing SFT's bit flips and
     condition dropout: seeded with ``run.seed`` right before the first rerun step rather than carried on from the
     phases before). The shipped checkpoints of run 11 (from post_dpo), run 14 (from pre_dpo), run 30e (from run 30's
-    post_dpo, with ``edit_lr=1e-3``), run 31e (from run 31's, with ``edit_llm_lr=3e-4``) and run 31f (the same with
-    ``edit_steps=12000``) were made this way (EVAL.md)."""
-    if start not in ("post_dpo", "pre_dpo"):
-        raise ValueError(f"start={start!r}: expected 'post_dpo' or 'pre_dpo'")
+    post_dpo, with ``edit_lr=1e-3``), run 31e (from run 31's, with ``edit_llm_lr=3e-4``), run 31f (the same with
+    ``edit_steps=12000``) and run 31g (from run 31f's final) were made this way (EVAL.md)."""
+    if start not in ("post_dpo", "pre_dpo", "final"):
+        raise ValueError(f"start={start!r}: expected 'post_dpo', 'pre_dpo' or 'final'")
     run = run or ShapesRunConfig()
     run_dir, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,17 +502,24 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     model = load_model(source, dtype=torch.float32, device=run.device)
     processor = Processor.from_dir(source, model.config)
     sampling = load_sampling_defaults(source)
-    records = {name: load_records(run_dir / "data" / f"{name}.jsonl").records
+    data = Path(data_dir) if data_dir is not None else run_dir / "data"
+    captions = data / "captions.jsonl"
+    cap_prompts = caption_prompts(captions) if run.n_captions and captions.exists() else []
+    torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
+    if start == "final":
+        _set_schedule(model, FULL_RES)
+        final = _last_steps(model, processor, run, out, sampling, cap_prompts)
+        _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
+        return final
+    records = {name: load_records(data / f"{name}.jsonl").records
                for name in ("understanding", "generation", "editing")}
-    captions = run_dir / "data" / "captions.jsonl"
     caps = load_records(captions).records if run.n_captions and captions.exists() else []
     desc = describe_records(caps, run.n_describe)
-    torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
     if start == "pre_dpo":  # (pre_dpo's config holds the full-resolution schedule)
         _dpo(model, processor, run, out, "stage3d", DPO_ROUND_SEEDS["stage3d"], sampling)
         _save(model, processor, out / "post_dpo", sampling)
     final = _finish(model, processor, records["generation"], records["editing"], records["understanding"], run, out,
-                    sampling, caps, desc)
+                    sampling, caps, desc, cap_prompts)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
     return final
 

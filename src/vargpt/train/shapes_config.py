@@ -4,8 +4,9 @@ recipe of run 30, 85.8 min on run 30's machine on 2026-12-07, with its editing S
 152.4 min on a machine about 1.9x slower, EVAL.md "Run 31") with its editing SFT's LLM at ``edit_llm_lr=3e-4``,
 12,000 editing steps rather than 6,000 and the final sampling choice on 400 validation edits, which the shipped
 checkpoint ran again from run 31's ``post_dpo`` (EVAL.md "Run 31f"; the doubled editing SFT takes about 63 min more
-on that slower machine, about 33 more on run 30's, so the one command no longer fits 90 min). What each option did
-in the runs that tried it is in EVAL.md."""
+on that slower machine, about 33 more on run 30's, so the one command no longer fits 90 min), and then a DPO round
+on caption prompts (``edit_dpo_prompts``; EVAL.md "Run 31g", about 19 min more on a shared machine). What each
+option did in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
 
@@ -176,6 +177,20 @@ class ShapesRunConfig:
     # 0.574 (the reply right 0.670 -> 0.830), understanding 0.957 -> 0.977, generation 0.860 -> 0.859, at twice the
     # phase's time (59.2 -> 120.7 min for the rerun on a slow machine; EVAL.md "Run 31f")
     edit_steps: int = 12000
+    # a DPO round on caption prompts after the editing SFT, before the final sampling choice (``edit_dpo`` in the
+    # log): the captions of the first ``edit_dpo_prompts`` caption records as plain prompts, ``dpo_candidates``
+    # samples each and the caption's rendered scene as the teacher's candidate (``caption_teacher``), ranked by
+    # ``caption_reward``; ``edit_dpo_steps`` steps at ``edit_dpo_lr``, the other settings stage 3d's. 0: none (runs
+    # 1-31f). The drawings that fail are the objects' shapes near the top and side borders (a top-left triangle 0.70
+    # of the time, a centre one 0.03), where the decoder's own coarse scales lead it astray: with the true ones
+    # (teacher forcing) it predicts those tokens as well as anywhere (EVAL.md "Probes after run 31f"). From run 31f's
+    # final (probe 35b, 1,200 random scenes, 360 steps at 3e-5): editing 0.582 -> 0.616 in fp32; 400 prompts and
+    # 120 steps at 1e-5: no gain. Run 31g (the shipped recipe: run 31f's final with this round,
+    # ``scripts/shapes_rerun_editing.py --start final``): editing 0.574 -> 0.646, generation 0.859 -> 0.902,
+    # understanding 0.977 either way (the round does not train the LLM; EVAL.md "Run 31g")
+    edit_dpo_prompts: int = 1200
+    edit_dpo_steps: int = 360
+    edit_dpo_lr: float = 3e-5
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
@@ -279,6 +294,14 @@ class ShapesRunConfig:
                      "stage2_describe"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
+        for name in ("edit_dpo_prompts", "edit_dpo_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0 (0: no caption DPO)")
+        if self.edit_dpo_prompts > self.n_captions:
+            raise ValueError(f"ShapesRunConfig.edit_dpo_prompts={self.edit_dpo_prompts}: expected <= n_captions "
+                             f"({self.n_captions}), the caption records whose captions it takes")
+        if not self.edit_dpo_lr > 0:
+            raise ValueError(f"ShapesRunConfig.edit_dpo_lr={self.edit_dpo_lr}: expected a positive rate")
         if self.vae_edits is not None and self.vae_edits < 0:
             raise ValueError(f"ShapesRunConfig.vae_edits={self.vae_edits}: expected None (every edit) or >= 0")
         if self.vae_scenes > self.n_understanding:
@@ -348,4 +371,4 @@ class ShapesRunConfig:
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
                    stage3c_frozen_steps=2, n_captions=16, vae_scenes=16,
                    dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1,
-                   sampling_edits=4)
+                   sampling_edits=4, edit_dpo_prompts=4, edit_dpo_steps=2)
