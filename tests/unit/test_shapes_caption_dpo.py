@@ -61,3 +61,11 @@ def test_caption_dpo_settings_are_checked(fields, message) -> None:
     with pytest.raises(ValueError, match=message):
         ShapesRunConfig(**fields)
     assert ShapesRunConfig(edit_dpo_prompts=0, n_captions=0).edit_dpo_prompts == 0  # off: no caption records needed
+
+
+def test_a_rerun_without_the_caption_records_names_the_missing_file_before_loading_anything(tmp_path) -> None:
+    from vargpt.train.shapes import rerun_editing
+
+    with pytest.raises(FileNotFoundError, match=r"data/captions.jsonl: the caption records the caption DPO round"):
+        rerun_editing(tmp_path / "run", tmp_path / "out", ShapesRunConfig(), start="final")
+    assert not (tmp_path / "out").exists()

@@ -495,6 +495,11 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
         raise ValueError(f"start={start!r}: expected 'post_dpo', 'pre_dpo' or 'final'")
     run = run or ShapesRunConfig()
     run_dir, out = Path(run_dir), Path(out_dir)
+    data = Path(data_dir) if data_dir is not None else run_dir / "data"
+    captions = data / "captions.jsonl"
+    if run.edit_dpo_prompts and not captions.exists():
+        raise FileNotFoundError(f"{captions}: the caption records the caption DPO round takes its prompts from "
+                                f"(edit_dpo_prompts={run.edit_dpo_prompts}; 0 turns the round off)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
@@ -502,8 +507,6 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     model = load_model(source, dtype=torch.float32, device=run.device)
     processor = Processor.from_dir(source, model.config)
     sampling = load_sampling_defaults(source)
-    data = Path(data_dir) if data_dir is not None else run_dir / "data"
-    captions = data / "captions.jsonl"
     cap_prompts = caption_prompts(captions) if run.n_captions and captions.exists() else []
     torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
     if start == "final":
