@@ -5,7 +5,7 @@ recipe of run 30, 85.8 min on run 30's machine on 2026-12-07, with its editing S
 12,000 editing steps rather than 6,000 and the final sampling choice on 400 validation edits, which the shipped
 checkpoint ran again from run 31's ``post_dpo`` (EVAL.md "Run 31f"; the doubled editing SFT takes about 63 min more
 on that slower machine, about 33 more on run 30's, so the one command no longer fits 90 min), and then a DPO round
-on caption prompts (``edit_dpo_prompts``; EVAL.md "Run 31g", about 19 min more on a shared machine). What each
+on caption prompts (``edit_dpo_prompts``; EVAL.md "Run 31g", about 9 min more on this machine). What each
 option did in the runs that tried it is in EVAL.md."""
 
 from __future__ import annotations
