@@ -50,7 +50,6 @@ import json
 import random
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,12 +59,10 @@ from vargpt.checkpoint import load_model, save_checkpoint
 from vargpt.config import get_preset
 from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
-from vargpt.data.shapes import GEN_CATEGORIES, check_gen, parse_gen_prompt, read_image, sample_gen_prompt
-from vargpt.data.shapes.grammar import parse_caption, scene_for_prompt
+from vargpt.data.shapes import GEN_CATEGORIES, sample_gen_prompt
 from vargpt.data.shapes.tasks import build_split, eval_scenes
-from vargpt.data.shapes.world import Obj, Scene, render
 from vargpt.engine import Engine
-from vargpt.eval.shapes import EVAL_SEED, editing_items, fit_canvas, generation_items, run_suite, understanding_items
+from vargpt.eval.shapes import EVAL_SEED, editing_items, generation_items, run_suite, understanding_items
 from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, load_sampling_defaults, save_sampling_defaults
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
@@ -89,6 +86,7 @@ from vargpt.train.shapes_data import (
     shapes_corpus,
     shapes_processor,
 )
+from vargpt.train.shapes_rewards import caption_prompts, caption_reward, caption_teacher, shapes_reward, shapes_teacher
 from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
@@ -137,66 +135,6 @@ SHAPES_STAGES: dict[str, Stage] = {
     "edit_frozen_llm": Stage(name="shapes-edit-frozen-llm", trainable=("decoder", "gen_proj_in", "gen_proj_out"),
                              note="edit SFT of the decoder and the projectors only (``edit_llm=False``)"),
 }
-
-
-def shapes_reward(prompt: str, image) -> float:
-    """DPO ranking: 1 for a pass (SHAPES.md rules), plus partial credit for the right number and kinds of shapes."""
-    p = parse_gen_prompt(prompt)
-    objs = read_image(fit_canvas(image))
-    want = scene_for_prompt(random.Random(0), p)
-    score = float(check_gen(p, objs))
-    score += 0.25 * (len(objs) == len(want.objects))
-    got = sorted(o.shape for o in objs)
-    need = sorted(o.shape for o in want.objects)
-    common = sum(min(got.count(s), need.count(s)) for s in set(need))
-    return score + 0.25 * common / max(len(need), len(got), 1)
-
-
-def shapes_teacher(layout: str) -> Callable[[str], Image.Image]:
-    """``teacher_fn`` of ``build_pairs``: the rendered scene of a prompt (``scene_for_prompt`` with ``layout``, its
-    open choices drawn from a seed derived from the prompt text), which passes the scorer by construction."""
-    def teacher(prompt: str) -> Image.Image:
-        rng = random.Random(zlib.crc32(prompt.encode()))
-        return render(scene_for_prompt(rng, parse_gen_prompt(prompt), layout))
-
-    return teacher
-
-
-def _caption_scene(prompt: str) -> Scene:
-    """The scene a canonical caption names, without jitter (as the caption records draw it)."""
-    key = parse_caption(prompt)
-    if key is None:
-        raise ValueError(f"not a caption of a valid scene (SHAPES.md object phrases, one per cell): {prompt!r}")
-    return Scene(tuple(Obj(shape=sh, color=c, size=sz, cell=cell, jitter=(0, 0)) for sh, c, sz, cell in key))
-
-
-def caption_reward(prompt: str, image) -> float:
-    """DPO ranking of a caption prompt's drawing: 1 when the image reads back (SHAPES.md rules) as exactly the scene
-    the caption names, plus 0.5 x the share of its objects read back as named (shape, colour, size and cell)."""
-    want = parse_caption(prompt)
-    if want is None:
-        raise ValueError(f"caption_reward: not a caption of a valid scene: {prompt!r}")
-    got = {(o.shape, o.color, o.size, o.cell) for o in read_image(fit_canvas(image))}
-    return float(got == set(want)) + 0.5 * len(got & want) / len(want)
-
-
-def caption_teacher(prompt: str) -> Image.Image:
-    """``teacher_fn`` of ``build_pairs`` for caption prompts: the rendered scene the caption names (no jitter, as
-    the caption records' images), which reads back as the caption by construction."""
-    return render(_caption_scene(prompt))
-
-
-def caption_prompts(path: str | Path) -> list[str]:
-    """The captions (``meta.prompt``) of a split's caption records (``captions.jsonl``), in order; a record without
-    one raises ``ValueError`` naming the file and line."""
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            prompt = json.loads(line).get("meta", {}).get("prompt")
-            if not isinstance(prompt, str) or parse_caption(prompt) is None:
-                raise ValueError(f"{path}:{i}: meta.prompt: expected the record's caption, got {prompt!r}")
-            prompts.append(prompt)
-    return prompts
 
 
 def _log(out: Path, msg: str) -> None:
