@@ -48,7 +48,7 @@ def _caption_scene(prompt: str) -> Scene:
     key = parse_caption(prompt)
     if key is None:
         raise ValueError(f"not a caption of a valid scene (SHAPES.md object phrases, one per cell): {prompt!r}")
-    return Scene(tuple(Obj(shape=sh, color=c, size=sz, cell=cell, jitter=(0, 0)) for sh, c, sz, cell in key))
+    return Scene(tuple(Obj(*k) for k in key))  # (shape, colour, size, cell), no jitter
 
 
 def caption_reward(prompt: str, image) -> float:
@@ -57,8 +57,8 @@ def caption_reward(prompt: str, image) -> float:
     want = parse_caption(prompt)
     if want is None:
         raise ValueError(f"caption_reward: not a caption of a valid scene: {prompt!r}")
-    got = {(o.shape, o.color, o.size, o.cell) for o in read_image(fit_canvas(image))}
-    return float(got == set(want)) + 0.5 * len(got & want) / len(want)
+    got = {o.key() for o in read_image(fit_canvas(image))}
+    return float(got == want) + 0.5 * len(got & want) / len(want)
 
 
 def caption_teacher(prompt: str) -> Image.Image:
