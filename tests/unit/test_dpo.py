@@ -18,7 +18,7 @@ from vargpt.generation.params import ImageParams
 from vargpt.models.vae import NoFlips
 from vargpt.processing.processor import Processor
 from vargpt.processing.tokenizer import char_tokenizer
-from vargpt.train.dpo import DPOStep, bit_logps, build_pairs, dpo_loss, image_logps
+from vargpt.train.dpo import DPOStep, PairPrompt, bit_logps, build_pairs, dpo_loss, image_logps
 
 from .helpers import gen_sample, pad_batch, random_images, tiny_model
 
@@ -257,3 +257,57 @@ def test_built_pairs_load_collate_and_train_through_dpo_step(tmp_path):
     assert batch["num_pairs"] == 2 and batch["gen_pixel_values"].shape == (4, 3, 64, 64)
     loss, m = DPOStep(model, seed=0)(copy.deepcopy(model).train(), batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and m["rewards/margin"] == 0.0
+
+
+def test_build_pairs_with_image_requests_draws_as_after_a_written_reply(tmp_path):
+    """A ``PairPrompt`` (an edit: source image + instruction, the answer's text before the image): its images are
+    written beside the pair and listed first, the answer is the record's response, the reward and the teacher get
+    its key, each candidate is the image the engine draws after that reply as the editing suite does (the reply in
+    the conditional prompt only), and the records load, collate and score log 2 at policy == reference."""
+    from vargpt.data.collate import DPOCollator
+    from vargpt.data.records import load_records
+
+    model = tiny_model()
+    cfg = model.config
+    processor = Processor(cfg, char_tokenizer(cfg.special_tokens, cfg.text.vocab_size))
+    engine = Engine(model, processor)
+    params = ImageParams(cfg_scale=2.0, temperature=1.0, top_p=0.0)
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    req = PairPrompt("<image>make it red", (source,), "done: red.<image_gen>", "KEY")
+    keys = []
+
+    def reward(key, image):
+        keys.append(key)
+        return redness(key, image)
+
+    path = build_pairs(engine, [req, "a blue square"], n_candidates=2, reward_fn=reward, params=params,
+                       out_dir=tmp_path, seed=3)
+    assert keys[:2] == ["KEY", "KEY"] and keys[2:] == ["a blue square"] * 2
+    rec, plain = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rec["conversations"] == [{"from": "human", "value": "<image>make it red"}]
+    assert rec["chosen"] == rec["rejected"] == {"from": "gpt", "value": "done: red.<image_gen>"}
+    assert rec["images"] == ["images/000000_input0.png", "images/000000_chosen.png", "images/000000_rejected.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / rec["images"][0])), np.asarray(source))
+    assert plain["images"] == ["images/000001_chosen.png", "images/000001_rejected.png"]
+    # the chosen candidate again, drawn as Engine.write_replies + generate_images draw an edit
+    enc = processor.encode([{"role": "user", "content": [{"type": "image", "image": source},
+                                                         {"type": "text", "text": "make it red"}]}])
+    enc.input_ids = enc.input_ids + processor.encode_text("done: red.")
+    again = engine.generate_images([enc], params, seeds=[rec["seeds"][0]])[0].image
+    diff = np.asarray(again).astype(int) - np.asarray(Image.open(tmp_path / rec["images"][1])).astype(int)
+    assert np.abs(diff).max() <= 1 and (diff != 0).mean() < 0.01
+
+    records = load_records(path, "dpo").records
+    assert [len(r.prompt_images) for r in records] == [1, 0]
+    batch = DPOCollator(cfg, processor, crop="center")(records)
+    assert batch["num_pairs"] == 2 and batch["pixel_values"] is not None
+    loss, m = DPOStep(model, seed=0)(copy.deepcopy(model).train(), batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and m["rewards/margin"] == 0.0
+
+
+def test_pair_prompt_checks_its_images_and_answer():
+    img = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match="0 image"):
+        PairPrompt("<image>edit", (), "ok<image_gen>", "k")
+    with pytest.raises(ValueError, match="one '<image_gen>', at its end"):
+        PairPrompt("<image>edit", (img,), "<image_gen> ok", "k")

@@ -1,5 +1,5 @@
-"""The DPO round on caption prompts after the editing SFT (``ShapesRunConfig.edit_dpo_prompts``): its reward, its
-teacher, where its prompts come from, and the settings' checks."""
+"""The DPO rounds after the editing SFT, on caption prompts (``ShapesRunConfig.edit_dpo_prompts``) and on edits
+(``edit_dpo_edits``): their reward, their teacher, where their prompts come from, and the settings' checks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from vargpt.data.shapes.grammar import caption, parse_caption
 from vargpt.data.shapes.scorer import read_image
 from vargpt.data.shapes.world import Obj, Scene, render
 from vargpt.train.shapes import ShapesRunConfig, caption_prompts, caption_reward, caption_teacher
+from vargpt.train.shapes_rewards import edit_prompts
 
 TWO = Scene((Obj(shape="triangle", color="red", size="large", cell="top left", jitter=(0, 0)),
              Obj(shape="circle", color="blue", size="small", cell="bottom right", jitter=(0, 0))))
@@ -56,6 +57,9 @@ def test_caption_prompts_reads_the_split_captions_in_order_and_names_a_bad_line(
     ({"edit_dpo_prompts": 13000}, r"edit_dpo_prompts=13000: expected <= n_captions \(12000\)"),
     ({"edit_dpo_prompts": 10, "n_captions": 0}, r"edit_dpo_prompts=10: expected <= n_captions \(0\)"),
     ({"edit_dpo_lr": 0.0}, "edit_dpo_lr=0.0: expected a positive rate"),
+    ({"edit_dpo_edits": -1}, "edit_dpo_edits=-1: expected >= 0"),
+    ({"edit_dpo_edits": 12001}, r"edit_dpo_edits=12001: expected <= n_editing \(12000\)"),
+    ({"edit_dpo_edits": 10, "edit_reply": "cells"}, "expected edit_reply='caption', got 'cells'"),
 ])
 def test_caption_dpo_settings_are_checked(fields, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -68,4 +72,46 @@ def test_a_rerun_without_the_caption_records_names_the_missing_file_before_loadi
 
     with pytest.raises(FileNotFoundError, match=r"data/captions.jsonl: the caption records the caption DPO round"):
         rerun_editing(tmp_path / "run", tmp_path / "out", ShapesRunConfig(), start="final")
+    assert not (tmp_path / "out").exists()
+
+
+def _edit_records(tmp_path, replies: list[str]):
+    src, tgt = render(TWO), render(Scene(TWO.objects[1:]))
+    src.save(tmp_path / "src.png")
+    tgt.save(tmp_path / "tgt.png")
+    path = tmp_path / "editing.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "<image>Remove the red triangle."},
+                                                     {"role": "assistant", "content": r}],
+                                        "images": ["src.png", "tgt.png"]}) + "\n" for r in replies))
+    return path, src
+
+
+def test_edit_prompts_are_the_split_edits_with_their_reply_and_its_caption_as_the_key(tmp_path) -> None:
+    want = caption(Scene(TWO.objects[1:]))
+    path, src = _edit_records(tmp_path, [f"Here is {want}.<image_gen>"] * 3)
+    reqs = edit_prompts(path, 2)
+    assert len(reqs) == 2
+    (req, _) = reqs
+    assert req.text == "<image>Remove the red triangle." and req.response == f"Here is {want}.<image_gen>"
+    assert req.key == want == "a small blue circle in the bottom right"
+    assert req.images[0].tobytes() == src.tobytes()
+    assert caption_reward(req.key, Image.open(tmp_path / "tgt.png")) == 1.5  # the record's target passes its key
+    with pytest.raises(ValueError, match=r"editing.jsonl: 3 editing records, 4 asked for"):
+        edit_prompts(path, 4)
+
+
+@pytest.mark.parametrize("reply", ["Done.<image_gen>", "Here is a red blob.<image_gen>"])
+def test_edit_prompts_name_a_reply_that_names_no_scene(tmp_path, reply) -> None:
+    path, _ = _edit_records(tmp_path, [f"Here is {caption(TWO)}.<image_gen>", reply])
+    with pytest.raises(ValueError, match=r"editing.jsonl: record 1 \(line 2\).*messages\[1\].content: expected "
+                                         r"'Here is \{caption\}.'"):
+        edit_prompts(path, 2)
+
+
+def test_a_rerun_with_edit_dpo_and_no_editing_records_names_the_missing_file(tmp_path) -> None:
+    from vargpt.train.shapes import rerun_editing
+
+    with pytest.raises(FileNotFoundError, match=r"data/editing.jsonl: the editing records the edit DPO round"):
+        rerun_editing(tmp_path / "run", tmp_path / "out", ShapesRunConfig(edit_dpo_prompts=0, edit_dpo_edits=5),
+                      start="final")
     assert not (tmp_path / "out").exists()

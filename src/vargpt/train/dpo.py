@@ -11,7 +11,8 @@ Pieces, smallest first:
   ``VARGPT.forward`` keyword arguments holding ``num_pairs`` chosen sequences followed by the ``num_pairs``
   rejected ones (images likewise), plus ``num_pairs``.
 * ``build_pairs``: sample candidates with the engine, score them with a pluggable reward, write the chosen/rejected
-  PNGs and a JSONL in the official DPO record format (SPEC.md §4.7).
+  PNGs and a JSONL in the official DPO record format (SPEC.md §4.7); a request is a plain prompt or a
+  ``PairPrompt`` (understanding images and the answer's text before the image, e.g. an edit).
 
 Shared randomness (the D5 correction). The teacher-forcing targets depend on the bitwise-self-correction flips (the
 labels of scale k are the bits of the residual against the *corrupted* running sum) and the start vector depends on
@@ -36,6 +37,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -45,10 +47,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from vargpt.data.records import IMAGE_PLACEHOLDER, split_placeholders
 from vargpt.models.vae import NoFlips, RandomBitFlips
 from vargpt.models.vargpt import VARGPT, VARGPTOutput
 
-__all__ = ["bit_logps", "image_logps", "dpo_loss", "DPOStep", "disable_dropout", "build_pairs", "IMAGE_GEN_TEXT"]
+__all__ = ["bit_logps", "image_logps", "dpo_loss", "DPOStep", "disable_dropout", "build_pairs", "PairPrompt",
+           "IMAGE_GEN_TEXT"]
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +251,54 @@ class DPOStep:
 
 
 # ------------------------------------------------------------------------------------------- preference pairs
-def build_pairs(engine, prompts: Sequence[str], *, n_candidates: int,
+@dataclass(frozen=True)
+class PairPrompt:
+    """A ``build_pairs`` request with understanding images and its own answer text, e.g. an edit: the source image
+    and the instruction, then the answer's words before the image (the edited scene, as the model would write it).
+
+    Args:
+        text: the user turn, with one ``<image>`` placeholder per image (as in SFT records).
+        images: the understanding images, in placeholder order.
+        response: the answer's text, ending with ``<image_gen>``.
+        key: what ``reward_fn`` and ``teacher_fn`` receive in place of the prompt (e.g. the caption of the scene
+            the answer names).
+    """
+
+    text: str
+    images: tuple[Image.Image, ...]
+    response: str
+    key: str
+
+    def __post_init__(self) -> None:
+        n = self.text.count(IMAGE_PLACEHOLDER)
+        if n != len(self.images):
+            raise ValueError(f"PairPrompt: {len(self.images)} image(s) for {n} {IMAGE_PLACEHOLDER} placeholder(s) "
+                             f"in {self.text!r:.80}")
+        if not self.response.endswith(IMAGE_GEN_TEXT) or self.response.count(IMAGE_GEN_TEXT) != 1:
+            raise ValueError(f"PairPrompt.response must hold one {IMAGE_GEN_TEXT!r}, at its end (the image follows "
+                             f"the answer's text); got {self.response!r:.80}")
+
+    def encode(self, processor):
+        """The user turn and the answer's text as an ``EncodedPrompt`` (``<|image_gen_start|>`` not yet added)."""
+        it = iter(self.images)
+        content = [{"type": "image", "image": next(it)} if piece == IMAGE_PLACEHOLDER
+                   else {"type": "text", "text": piece} for piece in split_placeholders(self.text)]
+        return processor.encode([{"role": "user", "content": content}],
+                                assistant_prefix=self.response[: -len(IMAGE_GEN_TEXT)])
+
+
+def build_pairs(engine, prompts: Sequence[str | PairPrompt], *, n_candidates: int,
                 reward_fn: Callable[[str, Image.Image], float], params=None, out_dir: str | Path, seed: int = 0,
                 response: str = IMAGE_GEN_TEXT, jsonl_name: str = "pairs.jsonl",
                 teacher_fn: Callable[[str], Image.Image] | None = None) -> Path:
     """Sample ``n_candidates`` images per prompt, keep the best as chosen and the worst as rejected.
+
+    A prompt is a plain user request (answered with ``response``) or a ``PairPrompt``: then its images are in the
+    user turn, its ``response`` is the answer, and ``reward_fn`` / ``teacher_fn`` receive its ``key``. A
+    ``PairPrompt``'s candidates are drawn as the engine draws an image after a reply the model wrote
+    (``Engine.write_replies``, the editing suite): the answer's text is part of the conditional prompt only, the
+    classifier-free-guidance branch's null prompt has none; its images are written as
+    ``images/{j:06d}_input{k}.png`` for the record.
 
     ``teacher_fn``: an extra candidate per prompt from another generator (the official 256-px round's chosen images
     are thought to come from Flux, SPEC.md §4.6), scored like the samples; it can be chosen, never rejected (its
@@ -288,14 +335,20 @@ def build_pairs(engine, prompts: Sequence[str], *, n_candidates: int,
     with open(tmp, "w", encoding="utf-8") as f:
         for j, prompt in enumerate(prompts):
             seeds = [seed + j * n_candidates + i for i in range(n_candidates)]
-            images = [g.image for g in engine.generate_images([prompt] * n_candidates, params, seeds=seeds,
-                                                               assistant_prefix=prefix)]
+            if isinstance(prompt, PairPrompt):
+                key, text, answer = prompt.key, prompt.text, prompt.response
+                request, request_prefix = prompt.encode(engine.processor), ""
+            else:
+                key, text, answer = prompt, prompt, response
+                request, request_prefix = prompt, prefix
+            images = [g.image for g in engine.generate_images([request] * n_candidates, params, seeds=seeds,
+                                                               assistant_prefix=request_prefix)]
             if teacher_fn is not None:  # the last candidate, chosen over samples that score as well
-                images.append(teacher_fn(prompt))
+                images.append(teacher_fn(key))
                 seeds.append(None)
-            scores = [float(reward_fn(prompt, image)) for image in images]
+            scores = [float(reward_fn(key, image)) for image in images]
             if any(math.isnan(s) for s in scores):
-                raise ValueError(f"reward_fn returned NaN for prompt {j} ({prompt!r}): {scores}")
+                raise ValueError(f"reward_fn returned NaN for prompt {j} ({key!r}): {scores}")
             best = max(range(n_candidates), key=lambda i: scores[i])
             if teacher_fn is not None and scores[-1] >= scores[best]:
                 best = n_candidates
@@ -303,13 +356,15 @@ def build_pairs(engine, prompts: Sequence[str], *, n_candidates: int,
             if scores[best] == scores[worst]:
                 skipped += 1
                 continue
-            names = [f"images/{j:06d}_chosen.png", f"images/{j:06d}_rejected.png"]
-            images[best].save(out_dir / names[0])
-            images[worst].save(out_dir / names[1])
+            inputs = list(prompt.images) if isinstance(prompt, PairPrompt) else []
+            names = [f"images/{j:06d}_input{k}.png" for k in range(len(inputs))]
+            names += [f"images/{j:06d}_chosen.png", f"images/{j:06d}_rejected.png"]
+            for name, image in zip(names, inputs + [images[best], images[worst]], strict=True):
+                image.save(out_dir / name)
             record = {
-                "conversations": [{"from": "human", "value": prompt}],
-                "chosen": {"from": "gpt", "value": response},
-                "rejected": {"from": "gpt", "value": response},
+                "conversations": [{"from": "human", "value": text}],
+                "chosen": {"from": "gpt", "value": answer},
+                "rejected": {"from": "gpt", "value": answer},
                 "images": names,
                 "scores": [scores[best], scores[worst]],
                 "seeds": [seeds[best], seeds[worst]],

@@ -66,7 +66,7 @@ from vargpt.eval.shapes import EVAL_SEED, editing_items, generation_items, run_s
 from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, load_sampling_defaults, save_sampling_defaults
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
-from vargpt.train.dpo import DPOStep, build_pairs
+from vargpt.train.dpo import DPOStep, PairPrompt, build_pairs
 from vargpt.train.latents import LatentCache
 from vargpt.train.loop import TrainConfig, train
 from vargpt.train.recipes import STAGES, Stage, apply_stage
@@ -86,7 +86,14 @@ from vargpt.train.shapes_data import (
     shapes_corpus,
     shapes_processor,
 )
-from vargpt.train.shapes_rewards import caption_prompts, caption_reward, caption_teacher, shapes_reward, shapes_teacher
+from vargpt.train.shapes_rewards import (
+    caption_prompts,
+    caption_reward,
+    caption_teacher,
+    edit_prompts,
+    shapes_reward,
+    shapes_teacher,
+)
 from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
@@ -100,7 +107,7 @@ __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATIO
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
 #: The seed of each DPO round (its prompts and its candidates' sampling seeds derive from it).
-DPO_ROUND_SEEDS = {"stage3b": 101, "stage3d": 303, "edit_dpo": 505}
+DPO_ROUND_SEEDS = {"stage3b": 101, "stage3d": 303, "edit_dpo": 505, "edit_dpo_edits": 707}
 #: Seed of the validation prompts the sampling defaults are chosen on (the generation suite uses ``EVAL_SEED``).
 VALIDATION_SEED = EVAL_SEED + 777
 #: Default sampling settings tried before each DPO round and after the editing SFT (first = the official ones; ties
@@ -241,8 +248,22 @@ def _caption_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: Im
                       run.edit_dpo_lr)
 
 
+def _edit_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams,
+              edits: Path | None) -> list[float]:
+    """The DPO round on edits after the caption round (``run.edit_dpo_edits`` of the split's editing records in
+    ``edits``: the source image, the instruction and the record's reply, ranked and taught by the reply's caption)."""
+    if not run.edit_dpo_edits:
+        return []
+    if edits is None or not Path(edits).exists():
+        raise FileNotFoundError(f"{edits}: the editing records the edit DPO round takes its prompts from "
+                                f"(edit_dpo_edits={run.edit_dpo_edits}; 0 turns the round off)")
+    return _dpo_round(model, processor, run, out, "edit_dpo_edits", DPO_ROUND_SEEDS["edit_dpo_edits"], sampling,
+                      edit_prompts(edits, run.edit_dpo_edits), caption_reward, caption_teacher, run.edit_dpo_steps,
+                      run.edit_dpo_lr)
+
+
 def _dpo_round(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int, sampling: ImageParams,
-               prompts: list[str], reward_fn, teacher_fn, steps: int, lr: float) -> list[float]:
+               prompts: list[str | PairPrompt], reward_fn, teacher_fn, steps: int, lr: float) -> list[float]:
     """Pairs sampled with ``sampling`` (``run.dpo_candidates`` per prompt, and ``teacher_fn``'s candidate), ranked
     by ``reward_fn``; then ``steps`` DPO steps at ``lr`` against a frozen copy of the model (the rest: ``run``'s DPO
     settings)."""
@@ -381,13 +402,13 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
 
     # 5. editing
     cap_prompts = caption_prompts(split.captions) if split.captions else []
-    final = _finish(model, processor, gen, edi, und, run, out, sampling, caps, desc, cap_prompts)
+    final = _finish(model, processor, gen, edi, und, run, out, sampling, caps, desc, cap_prompts, split.editing)
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
     return final
 
 
 def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sampling: ImageParams,
-            caps=(), desc=(), cap_prompts=()) -> Path:
+            caps=(), desc=(), cap_prompts=(), edits: Path | None = None) -> Path:
     """The recipe's last steps: the editing SFT (edits, ``caps`` caption records, generation records and, with
     ``edit_llm``, questions and ``desc`` describe records), then ``_last_steps``."""
     _set_schedule(model, FULL_RES)
@@ -399,14 +420,16 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
     losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
                   monitor="editing", sampling=sampling, module_lr=llm_rate)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
-    return _last_steps(model, processor, run, out, sampling, list(cap_prompts))
+    return _last_steps(model, processor, run, out, sampling, list(cap_prompts), edits)
 
 
 def _last_steps(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams,
-                cap_prompts: list[str]) -> Path:
-    """After the editing SFT: the DPO round on caption prompts (``run.edit_dpo_prompts`` of ``cap_prompts``), then
-    the final checkpoint's sampling defaults -> ``out/final``."""
+                cap_prompts: list[str], edits: Path | None) -> Path:
+    """After the editing SFT: the DPO round on caption prompts (``run.edit_dpo_prompts`` of ``cap_prompts``), the
+    one on edits (``run.edit_dpo_edits`` of the editing records in ``edits``), then the final checkpoint's sampling
+    defaults -> ``out/final``."""
     _caption_dpo(model, processor, run, out, sampling, cap_prompts)
+    _edit_dpo(model, processor, run, out, sampling, edits)
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
     # model), so the final checkpoint's defaults are chosen again, on validation edits as well (``sampling_edits``)
     sampling = _select_sampling(model, processor, run, out, "edit", edits=True)
@@ -438,6 +461,9 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     if run.edit_dpo_prompts and not captions.exists():
         raise FileNotFoundError(f"{captions}: the caption records the caption DPO round takes its prompts from "
                                 f"(edit_dpo_prompts={run.edit_dpo_prompts}; 0 turns the round off)")
+    if run.edit_dpo_edits and not (data / "editing.jsonl").exists():
+        raise FileNotFoundError(f"{data / 'editing.jsonl'}: the editing records the edit DPO round takes its "
+                                f"prompts from (edit_dpo_edits={run.edit_dpo_edits}; 0 turns the round off)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
@@ -449,7 +475,7 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
     if start == "final":
         _set_schedule(model, FULL_RES)
-        final = _last_steps(model, processor, run, out, sampling, cap_prompts)
+        final = _last_steps(model, processor, run, out, sampling, cap_prompts, data / "editing.jsonl")
         _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
         return final
     records = {name: load_records(data / f"{name}.jsonl").records
@@ -460,7 +486,7 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
         _dpo(model, processor, run, out, "stage3d", DPO_ROUND_SEEDS["stage3d"], sampling)
         _save(model, processor, out / "post_dpo", sampling)
     final = _finish(model, processor, records["generation"], records["editing"], records["understanding"], run, out,
-                    sampling, caps, desc, cap_prompts)
+                    sampling, caps, desc, cap_prompts, data / "editing.jsonl")
     _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
     return final
 

@@ -191,6 +191,12 @@ class ShapesRunConfig:
     edit_dpo_prompts: int = 1200
     edit_dpo_steps: int = 360
     edit_dpo_lr: float = 3e-5
+    # a DPO round on edits after the caption round (``edit_dpo_edits`` in the log): the first ``edit_dpo_edits``
+    # editing records of the split as requests (the source image, the instruction, the record's reply naming the
+    # edited scene; ``edit_prompts``), ``dpo_candidates`` samples each drawn after that reply as the editing suite
+    # draws after the model's own, the reply's rendered scene as the teacher's candidate, ranked by
+    # ``caption_reward``; ``edit_dpo_steps`` steps at ``edit_dpo_lr``. 0: none
+    edit_dpo_edits: int = 0
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
@@ -294,12 +300,18 @@ class ShapesRunConfig:
                      "stage2_describe"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
-        for name in ("edit_dpo_prompts", "edit_dpo_steps"):
+        for name in ("edit_dpo_prompts", "edit_dpo_steps", "edit_dpo_edits"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0 (0: no caption DPO)")
         if self.edit_dpo_prompts > self.n_captions:
             raise ValueError(f"ShapesRunConfig.edit_dpo_prompts={self.edit_dpo_prompts}: expected <= n_captions "
                              f"({self.n_captions}), the caption records whose captions it takes")
+        if self.edit_dpo_edits > self.n_editing:
+            raise ValueError(f"ShapesRunConfig.edit_dpo_edits={self.edit_dpo_edits}: expected <= n_editing "
+                             f"({self.n_editing}), the editing records it takes")
+        if self.edit_dpo_edits and self.edit_reply != "caption":
+            raise ValueError(f"ShapesRunConfig.edit_dpo_edits={self.edit_dpo_edits} ranks each edit by the caption "
+                             f"its reply names: expected edit_reply='caption', got {self.edit_reply!r}")
         if not self.edit_dpo_lr > 0:
             raise ValueError(f"ShapesRunConfig.edit_dpo_lr={self.edit_dpo_lr}: expected a positive rate")
         if self.vae_edits is not None and self.vae_edits < 0:

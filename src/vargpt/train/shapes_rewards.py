@@ -1,6 +1,7 @@
 """The DPO rounds' rankings and teacher candidates on the Shapes world (``vargpt.train.shapes``): generation
-prompts (stages 3b and 3d: ``shapes_reward``, ``shapes_teacher``) and caption prompts (the round after the editing
-SFT, ``ShapesRunConfig.edit_dpo_prompts``: ``caption_reward``, ``caption_teacher``, ``caption_prompts``)."""
+prompts (stages 3b and 3d: ``shapes_reward``, ``shapes_teacher``), caption prompts (the round after the editing
+SFT, ``ShapesRunConfig.edit_dpo_prompts``: ``caption_reward``, ``caption_teacher``, ``caption_prompts``) and edits
+(the round after it, ``ShapesRunConfig.edit_dpo_edits``: ``edit_prompts``, ranked and taught as captions)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from vargpt.data.records import load_records
 from vargpt.data.shapes import check_gen, parse_gen_prompt, read_image
 from vargpt.data.shapes.grammar import parse_caption, scene_for_prompt
+from vargpt.data.shapes.tasks import EDIT_PLAN_REPLY
 from vargpt.data.shapes.world import Obj, Scene, render
 from vargpt.eval.shapes import fit_canvas
+from vargpt.train.dpo import IMAGE_GEN_TEXT, PairPrompt
 
-__all__ = ["shapes_reward", "shapes_teacher", "caption_reward", "caption_teacher", "caption_prompts"]
+__all__ = ["shapes_reward", "shapes_teacher", "caption_reward", "caption_teacher", "caption_prompts", "edit_prompts"]
 
 
 def shapes_reward(prompt: str, image) -> float:
@@ -78,3 +82,30 @@ def caption_prompts(path: str | Path) -> list[str]:
                 raise ValueError(f"{path}:{i}: meta.prompt: expected the record's caption, got {prompt!r}")
             prompts.append(prompt)
     return prompts
+
+
+def edit_prompts(path: str | Path, n: int) -> list[PairPrompt]:
+    """The first ``n`` edits of a split's editing records (``editing.jsonl``, ``edit_reply="caption"``) as
+    ``build_pairs`` requests: the source image and the instruction, the record's reply (``EDIT_PLAN_REPLY``: the
+    edited scene's caption) as the answer before the image, and that caption as the key (``caption_reward``,
+    ``caption_teacher``). A reply that does not name a scene raises ``ValueError`` naming the file and record."""
+    head, tail = EDIT_PLAN_REPLY.split("{caption}")
+    out = []
+    for rec in load_records(path).records[:n]:
+        if len(rec.messages) != 2 or len(rec.images) != 2:
+            raise ValueError(f"{rec.source}: expected an edit (one user turn with the source image, one answer "
+                             f"drawing the edited one); got {len(rec.messages)} turns and {len(rec.images)} images")
+        user, answer = rec.messages
+        caption = answer.content.removesuffix(IMAGE_GEN_TEXT)
+        caption = caption[len(head): len(caption) - len(tail)] if caption.startswith(head) and caption.endswith(tail) \
+            else None
+        if caption is None or parse_caption(caption) is None:
+            raise ValueError(f"{rec.source}: messages[1].content: expected {EDIT_PLAN_REPLY!r} naming the edited scene "
+                             f"(a split built with edit_reply='caption'), then {IMAGE_GEN_TEXT}; got "
+                             f"{answer.content!r:.120}")
+        with Image.open(rec.images[0]) as im:
+            source = im.convert("RGB")
+        out.append(PairPrompt(user.content, (source,), answer.content, caption))
+    if len(out) < n:
+        raise ValueError(f"{path}: {len(out)} editing records, {n} asked for")
+    return out
