@@ -28,7 +28,8 @@ def test_quick_shapes_run_end_to_end(tmp_path) -> None:
     assert "stage1: 5 steps" in log  # --set: a ShapesRunConfig field (quick() has 4)
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["stage1_steps"] == 5
     for phase in ("data:", "tokenizer:", "stage1:", "stage2_warmup:", "stage2:", "stage3a (first-3)", "stage3b",
-                  "stage3c (first-5)", "stage3c: default sampling", "stage3d", "edit:", "edit_dpo:", "done in"):
+                  "stage3c (first-5)", "stage3c: default sampling", "stage3d", "edit:", "edit_dpo:", "edit_dpo_edits:",
+                  "done in"):
         assert phase in log, phase
     # the sampling defaults chosen on validation prompts before the last DPO round ship with the DPO checkpoints,
     # those chosen again after the editing SFT with the final one
@@ -225,7 +226,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
                     stage3_copies=5, edit_reply="caption", n_captions=16, stage3_captions=16,
                     n_describe=100, stage2_describe=3) if edit_llm
                else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None, stage3c_frozen_steps=0, dpo_bsc=None,
-                         edit_reply="fixed", n_captions=0, stage3_editing=0, edit_dpo_prompts=0))
+                         edit_reply="fixed", n_captions=0, stage3_editing=0, edit_dpo_prompts=0, edit_dpo_edits=0))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
@@ -297,19 +298,31 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         pairs = [json.loads(line) for line in (tmp_path / "run" / "edit_dpo" / "pairs" / "pairs.jsonl").open()]
         first = caption_prompts(tmp_path / "run" / "data" / "captions.jsonl")[:4]
         assert pairs and {p["conversations"][0]["value"] for p in pairs} <= set(first)
-        # from a finished run's final (``start="final"``): the caption round and the sampling choice alone; it
-        # trains the decoder and the projectors, not the LLM
+        # ``edit_dpo_edits``: then one on the split's first edits (the shipped recipe: 1,200 edits, run 31h), each
+        # pair with its source image and the record's reply
+        assert ShapesRunConfig().edit_dpo_edits == 1200
+        assert re.search(r"edit_dpo_edits: \d+ preference pairs from 4 prompts", log)
+        assert log.index("edit_dpo: 2 DPO steps") < log.index("edit_dpo_edits:") < log.index("edit: default sampling")
+        edits = load_records(tmp_path / "run" / "data" / "editing.jsonl").records[:4]
+        asked = {(r.messages[0].content, r.messages[1].content) for r in edits}
+        pairs = [json.loads(line) for line in (tmp_path / "run" / "edit_dpo_edits" / "pairs" / "pairs.jsonl").open()]
+        assert pairs and {(p["conversations"][0]["value"], p["chosen"]["value"]) for p in pairs} <= asked
+        assert all(len(p["images"]) == 3 and p["images"][0].endswith("_input0.png") for p in pairs)
+        # from a finished run's final (``start="final"``): the two DPO rounds and the sampling choice alone; they
+        # train the decoder and the projectors, not the LLM
         own = dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options)
         refinal = rerun_editing(tmp_path / "run", tmp_path / "refinal", own, start="final")
         relog = (tmp_path / "refinal" / "log.txt").read_text()
-        assert "edit_dpo: 2 DPO steps" in relog and "edit: default sampling" in relog and "edit: 3 steps" not in relog
+        assert "edit_dpo: 2 DPO steps" in relog and "edit_dpo_edits: 2 DPO steps" in relog
+        assert "edit: default sampling" in relog and "edit: 3 steps" not in relog
         r = load_model(refinal).state_dict()
         assert all(torch.equal(r[k], after[k]) for k in llm)
         assert any(not torch.equal(r[k], after[k]) for k in r if k.startswith("decoder."))
     else:  # ``rerun_editing``: the last two steps again from post_dpo, here at another rate; deterministic
         from vargpt.train.shapes import rerun_editing
 
-        again = dataclasses.replace(ShapesRunConfig.quick(), edit_lr=1e-4, edit_llm=False, edit_dpo_prompts=0)
+        again = dataclasses.replace(ShapesRunConfig.quick(), edit_lr=1e-4, edit_llm=False, edit_dpo_prompts=0,
+                                    edit_dpo_edits=0)
         finals = [rerun_editing(tmp_path / "run", tmp_path / f"rerun{i}", again) for i in range(2)]
         a, b = (load_model(f).state_dict() for f in finals)
         assert all(torch.equal(a[k], b[k]) for k in a)

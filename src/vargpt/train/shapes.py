@@ -24,8 +24,9 @@ the stages that officially start from pretrained parts also train those parts he
    with ``stage3c_frozen_steps`` stage 3c begins with that many steps of the decoder and the projectors alone;
 5. editing SFT: decoder + projectors (``edit_llm=True``: the LLM too, at ``edit_llm_lr``, with questions in the
    mix, as in runs 7 and 22; its own learning rate with ``edit_lr``, run 9); then (``edit_dpo_prompts``) a DPO round
-   on caption prompts, the rendered scene as the teacher's candidate, reference = the editing SFT's result; then the
-   final checkpoint's sampling defaults are chosen again the same way.
+   on caption prompts, the rendered scene as the teacher's candidate, reference = the editing SFT's result, and
+   (``edit_dpo_edits``) one on edits (source image, instruction and reply; reference = the caption round's result);
+   then the final checkpoint's sampling defaults are chosen again the same way.
 
 Edits (``edit_reply="caption"``, runs 22-23): an edit's reply names the edited scene in the words of a description
 ("Here is a small red circle in the top left, ..."), and caption records (``n_captions``) teach the decoder to
@@ -440,18 +441,20 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
                   start: str = "post_dpo", data_dir: str | Path | None = None) -> Path:
     """The last steps of ``run`` again from a finished ``run_shapes`` in ``run_dir`` (its training split in
     ``data_dir``, default ``run_dir/data``) -> ``out_dir/final`` (log in ``out_dir/log.txt``): from
-    ``start="post_dpo"`` the editing SFT, the DPO round on caption prompts (``edit_dpo_prompts``) and the final
+    ``start="post_dpo"`` the editing SFT, the DPO rounds on caption prompts and edits (``edit_dpo_prompts``,
+    ``edit_dpo_edits``) and the final
     sampling choice; from ``start="pre_dpo"`` the stage-3d DPO round first (with ``run``'s DPO settings and the
     sampling defaults ``pre_dpo`` holds; its result is written to ``out_dir/post_dpo``); from ``start="final"`` (a
-    finished run's, or a rerun's, editing SFT) the caption DPO round and the sampling choice only, with the sampling
-    defaults ``final`` holds.
+    finished run's, or a rerun's, editing SFT) the two DPO rounds (captions, then edits) and the sampling choice only,
+    with the sampling defaults ``final`` holds.
 
     Everything before these steps is the run's own, so this equals ``run_shapes`` with ``run``'s settings for them
     but for the random streams the phases share through the global torch RNG (the editing SFT's bit flips and
     condition dropout: seeded with ``run.seed`` right before the first rerun step rather than carried on from the
     phases before). The shipped checkpoints of run 11 (from post_dpo), run 14 (from pre_dpo), run 30e (from run 30's
     post_dpo, with ``edit_lr=1e-3``), run 31e (from run 31's, with ``edit_llm_lr=3e-4``), run 31f (the same with
-    ``edit_steps=12000``) and run 31g (from run 31f's final) were made this way (EVAL.md)."""
+    ``edit_steps=12000``), run 31g (from run 31f's final) and run 31h (from run 31g's, the edit round alone) were made
+    this way (EVAL.md)."""
     if start not in ("post_dpo", "pre_dpo", "final"):
         raise ValueError(f"start={start!r}: expected 'post_dpo', 'pre_dpo' or 'final'")
     run = run or ShapesRunConfig()

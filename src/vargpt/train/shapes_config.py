@@ -4,9 +4,10 @@ recipe of run 30, 85.8 min on run 30's machine on 2026-12-07, with its editing S
 152.4 min on a machine about 1.9x slower, EVAL.md "Run 31") with its editing SFT's LLM at ``edit_llm_lr=3e-4``,
 12,000 editing steps rather than 6,000 and the final sampling choice on 400 validation edits, which the shipped
 checkpoint ran again from run 31's ``post_dpo`` (EVAL.md "Run 31f"; the doubled editing SFT takes about 63 min more
-on that slower machine, about 33 more on run 30's, so the one command no longer fits 90 min), and then a DPO round
-on caption prompts (``edit_dpo_prompts``; EVAL.md "Run 31g", about 9 min more on this machine). What each
-option did in the runs that tried it is in EVAL.md."""
+on that slower machine, about 33 more on run 30's, so the one command no longer fits 90 min), then a DPO round
+on caption prompts (``edit_dpo_prompts``; EVAL.md "Run 31g", about 9 min more on this machine) and one on edits
+(``edit_dpo_edits``; EVAL.md "Run 31h", about 13 min more). What each option did in the runs that tried it is in
+EVAL.md."""
 
 from __future__ import annotations
 
@@ -195,8 +196,13 @@ class ShapesRunConfig:
     # editing records of the split as requests (the source image, the instruction, the record's reply naming the
     # edited scene; ``edit_prompts``), ``dpo_candidates`` samples each drawn after that reply as the editing suite
     # draws after the model's own, the reply's rendered scene as the teacher's candidate, ranked by
-    # ``caption_reward``; ``edit_dpo_steps`` steps at ``edit_dpo_lr``. 0: none
-    edit_dpo_edits: int = 0
+    # ``caption_reward``; ``edit_dpo_steps`` steps at ``edit_dpo_lr``. 0: none (runs 1-31g). The caption round
+    # corrects the drawing of plain captions, but a second caption round leaves editing flat (probe 36: 0.646 ->
+    # 0.642); an edit's drawing is conditioned on the source image and the instruction too. Run 31h (the shipped
+    # recipe: run 31g's final with this round alone, ``scripts/shapes_rerun_editing.py --start final --set
+    # edit_dpo_prompts=0``; 678 pairs, the other 522 edits' four samples all passed): editing 0.646 -> 0.714 (given
+    # a right reply 0.778 -> 0.855), generation 0.902 -> 0.936, understanding 0.977 (EVAL.md "Run 31h")
+    edit_dpo_edits: int = 1200
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
@@ -383,4 +389,4 @@ class ShapesRunConfig:
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
                    stage3c_frozen_steps=2, n_captions=16, vae_scenes=16,
                    dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1,
-                   sampling_edits=4, edit_dpo_prompts=4, edit_dpo_steps=2)
+                   sampling_edits=4, edit_dpo_prompts=4, edit_dpo_steps=2, edit_dpo_edits=4)
