@@ -28,8 +28,8 @@ def test_quick_shapes_run_end_to_end(tmp_path) -> None:
     assert "stage1: 5 steps" in log  # --set: a ShapesRunConfig field (quick() has 4)
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["stage1_steps"] == 5
     for phase in ("data:", "tokenizer:", "stage1:", "stage2_warmup:", "stage2:", "stage3a (first-3)", "stage3b",
-                  "stage3c (first-5)", "stage3c: default sampling", "stage3d", "edit:", "edit_dpo:", "edit_dpo_edits:",
-                  "done in"):
+                  "stage3c (first-5)", "stage3c: default sampling", "stage3d", "edit:", "reply:", "edit_dpo:",
+                  "edit_dpo_edits:", "done in"):
         assert phase in log, phase
     # the sampling defaults chosen on validation prompts before the last DPO round ship with the DPO checkpoints,
     # those chosen again after the editing SFT with the final one
@@ -226,7 +226,8 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
                     stage3_copies=5, edit_reply="caption", n_captions=16, stage3_captions=16,
                     n_describe=100, stage2_describe=3) if edit_llm
                else dict(edit_lr=None, llm_lr=None, stage3_llm_lr=None, stage3c_frozen_steps=0, dpo_bsc=None,
-                         edit_reply="fixed", n_captions=0, stage3_editing=0, edit_dpo_prompts=0, edit_dpo_edits=0))
+                         edit_reply="fixed", n_captions=0, stage3_editing=0, edit_dpo_prompts=0, edit_dpo_edits=0,
+                         reply_steps=0))
     final = run_shapes(tmp_path / "run", dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options))
     before, after = load_model(tmp_path / "run" / "post_dpo").state_dict(), load_model(final).state_dict()
     llm = [k for k in before if k.startswith("backbone.model.language_model.")]
@@ -310,7 +311,7 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         assert all(len(p["images"]) == 3 and p["images"][0].endswith("_input0.png") for p in pairs)
         # from a finished run's final (``start="final"``): the two DPO rounds and the sampling choice alone; they
         # train the decoder and the projectors, not the LLM
-        own = dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, **options)
+        own = dataclasses.replace(ShapesRunConfig.quick(), edit_llm=edit_llm, reply_steps=0, **options)
         refinal = rerun_editing(tmp_path / "run", tmp_path / "refinal", own, start="final")
         relog = (tmp_path / "refinal" / "log.txt").read_text()
         assert "edit_dpo: 2 DPO steps" in relog and "edit_dpo_edits: 2 DPO steps" in relog
@@ -318,11 +319,23 @@ def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_l
         r = load_model(refinal).state_dict()
         assert all(torch.equal(r[k], after[k]) for k in llm)
         assert any(not torch.equal(r[k], after[k]) for k in r if k.startswith("decoder."))
+        # ``reply_steps``: the LLM alone on the replies and questions, on the text loss, after the editing SFT and
+        # before the rounds; with the rounds off it moves the LLM and nothing else
+        assert log.index("edit: 3 steps") < log.index("reply: 2 steps on 64 records") < log.index("edit_dpo:")
+        assert (ShapesRunConfig().reply_steps, ShapesRunConfig().reply_lr) == (3000, 1e-4)  # run 31i
+        reply = dataclasses.replace(own, reply_steps=2, edit_dpo_prompts=0, edit_dpo_edits=0)
+        rereply = rerun_editing(tmp_path / "run", tmp_path / "rereply", reply, start="final")
+        assert re.search(r"reply: 2 steps on 64 records, text loss", (tmp_path / "rereply" / "log.txt").read_text())
+        q = load_model(rereply).state_dict()
+        assert any(not torch.equal(q[k], after[k]) for k in llm)
+        assert all(torch.equal(q[k], after[k]) for k in q if k not in llm)
+        with pytest.raises(ValueError, match="reply_steps=2 trains the LLM after the editing SFT"):
+            dataclasses.replace(reply, edit_llm=False)
     else:  # ``rerun_editing``: the last two steps again from post_dpo, here at another rate; deterministic
         from vargpt.train.shapes import rerun_editing
 
         again = dataclasses.replace(ShapesRunConfig.quick(), edit_lr=1e-4, edit_llm=False, edit_dpo_prompts=0,
-                                    edit_dpo_edits=0)
+                                    edit_dpo_edits=0, reply_steps=0)
         finals = [rerun_editing(tmp_path / "run", tmp_path / f"rerun{i}", again) for i in range(2)]
         a, b = (load_model(f).state_dict() for f in finals)
         assert all(torch.equal(a[k], b[k]) for k in a)

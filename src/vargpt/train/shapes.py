@@ -25,8 +25,9 @@ the stages that officially start from pretrained parts also train those parts he
 5. editing SFT: decoder + projectors (``edit_llm=True``: the LLM too, at ``edit_llm_lr``, with questions in the
    mix, as in runs 7 and 22; its own learning rate with ``edit_lr``, run 9); then (``edit_dpo_prompts``) a DPO round
    on caption prompts, the rendered scene as the teacher's candidate, reference = the editing SFT's result, and
-   (``edit_dpo_edits``) one on edits (source image, instruction and reply; reference = the caption round's result);
-   then the final checkpoint's sampling defaults are chosen again the same way.
+   (``edit_dpo_edits``) one on edits (source image, instruction and reply; reference = the caption round's result),
+   both after (``reply_steps``) the LLM alone on the replies and questions, on the text loss; then the final
+   checkpoint's sampling defaults are chosen again the same way.
 
 Edits (``edit_reply="caption"``, runs 22-23): an edit's reply names the edited scene in the words of a description
 ("Here is a small red circle in the top left, ..."), and caption records (``n_captions``) teach the decoder to
@@ -142,6 +143,8 @@ SHAPES_STAGES: dict[str, Stage] = {
                   note="edit SFT with the LLM trainable (it must read the instruction against the source image)"),
     "edit_frozen_llm": Stage(name="shapes-edit-frozen-llm", trainable=("decoder", "gen_proj_in", "gen_proj_out"),
                              note="edit SFT of the decoder and the projectors only (``edit_llm=False``)"),
+    "reply": Stage(name="shapes-reply", trainable=("backbone.model.language_model",),
+                   note="the LLM alone on the replies and questions after the editing SFT (``reply_steps``)"),
 }
 
 
@@ -421,14 +424,44 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
     losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
                   monitor="editing", sampling=sampling, module_lr=llm_rate)
     _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
-    return _last_steps(model, processor, run, out, sampling, list(cap_prompts), edits)
+    return _last_steps(model, processor, run, out, sampling, list(cap_prompts), edits, edi, und)
+
+
+def text_loss_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """``step_fn`` training on the answers' text alone (``VARGPT.forward``'s ``text_loss``; the bit loss is a metric
+    and sends no gradient)."""
+    out = model(**batch)
+    metrics = {k: getattr(out, k) for k in ("text_loss", "bit_loss") if getattr(out, k, None) is not None}
+    return out.text_loss, metrics
+
+
+def _reply_sft(model, processor, run: ShapesRunConfig, out: Path, edi, und) -> list[float]:
+    """The LLM alone on the edits' replies and as many questions (``run.reply_steps`` steps at ``run.reply_lr``,
+    text loss only: the decoder, the projectors and the ViT stay as they are)."""
+    if not run.reply_steps:
+        return []
+    mix = editing_mix(edi, (), (), und, with_questions=True)
+    apply_stage(model, SHAPES_STAGES["reply"])
+    gen = torch.Generator().manual_seed(run.seed + zlib.crc32(b"reply") % 1000)
+    collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
+    cfg = TrainConfig(lr=run.reply_lr, weight_decay=run.weight_decay, max_steps=run.reply_steps,
+                      batch_size=run.batch_size, warmup_ratio=0.05, seed=run.seed, out_dir=str(out / "reply"),
+                      log_every=max(1, run.reply_steps // 20), mixed_precision=run.mixed_precision)
+    keys = [batch_group(r) if run.length_groups else r.task for r in mix]
+    index = {k: i for i, k in enumerate(sorted(set(keys)))}
+    losses = train(model, mix, collate, cfg, step_fn=text_loss_step, group_ids=[index[k] for k in keys]).losses
+    _log(out, f"reply: {run.reply_steps} steps on {len(mix)} records, text loss {losses[0]:.3f} -> "
+              f"{_tail(losses):.3f}")
+    return losses
 
 
 def _last_steps(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams,
-                cap_prompts: list[str], edits: Path | None) -> Path:
-    """After the editing SFT: the DPO round on caption prompts (``run.edit_dpo_prompts`` of ``cap_prompts``), the
-    one on edits (``run.edit_dpo_edits`` of the editing records in ``edits``), then the final checkpoint's sampling
-    defaults -> ``out/final``."""
+                cap_prompts: list[str], edits: Path | None, edi=(), und=()) -> Path:
+    """After the editing SFT: the LLM alone on the replies (``run.reply_steps``; ``edi`` edits and ``und``
+    questions), the DPO round on caption prompts (``run.edit_dpo_prompts`` of ``cap_prompts``), the one on edits
+    (``run.edit_dpo_edits`` of the editing records in ``edits``), then the final checkpoint's sampling defaults ->
+    ``out/final``."""
+    _reply_sft(model, processor, run, out, edi, und)
     _caption_dpo(model, processor, run, out, sampling, cap_prompts)
     _edit_dpo(model, processor, run, out, sampling, edits)
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
@@ -441,20 +474,20 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
                   start: str = "post_dpo", data_dir: str | Path | None = None) -> Path:
     """The last steps of ``run`` again from a finished ``run_shapes`` in ``run_dir`` (its training split in
     ``data_dir``, default ``run_dir/data``) -> ``out_dir/final`` (log in ``out_dir/log.txt``): from
-    ``start="post_dpo"`` the editing SFT, the DPO rounds on caption prompts and edits (``edit_dpo_prompts``,
-    ``edit_dpo_edits``) and the final
+    ``start="post_dpo"`` the editing SFT, the replies' phase (``reply_steps``), the DPO rounds on caption prompts and
+    edits (``edit_dpo_prompts``, ``edit_dpo_edits``) and the final
     sampling choice; from ``start="pre_dpo"`` the stage-3d DPO round first (with ``run``'s DPO settings and the
     sampling defaults ``pre_dpo`` holds; its result is written to ``out_dir/post_dpo``); from ``start="final"`` (a
-    finished run's, or a rerun's, editing SFT) the two DPO rounds (captions, then edits) and the sampling choice only,
-    with the sampling defaults ``final`` holds.
+    finished run's, or a rerun's, editing SFT) the replies' phase (``reply_steps``), the two DPO rounds (captions, then
+    edits) and the sampling choice only, with the sampling defaults ``final`` holds.
 
     Everything before these steps is the run's own, so this equals ``run_shapes`` with ``run``'s settings for them
     but for the random streams the phases share through the global torch RNG (the editing SFT's bit flips and
     condition dropout: seeded with ``run.seed`` right before the first rerun step rather than carried on from the
     phases before). The shipped checkpoints of run 11 (from post_dpo), run 14 (from pre_dpo), run 30e (from run 30's
     post_dpo, with ``edit_lr=1e-3``), run 31e (from run 31's, with ``edit_llm_lr=3e-4``), run 31f (the same with
-    ``edit_steps=12000``), run 31g (from run 31f's final) and run 31h (from run 31g's, the edit round alone) were made
-    this way (EVAL.md)."""
+    ``edit_steps=12000``), run 31g (from run 31f's final), run 31h (from run 31g's, the edit round alone) and run 31i
+    (from run 31f's, the replies' phase and both rounds) were made this way (EVAL.md)."""
     if start not in ("post_dpo", "pre_dpo", "final"):
         raise ValueError(f"start={start!r}: expected 'post_dpo', 'pre_dpo' or 'final'")
     run = run or ShapesRunConfig()
@@ -478,7 +511,9 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
     if start == "final":
         _set_schedule(model, FULL_RES)
-        final = _last_steps(model, processor, run, out, sampling, cap_prompts, data / "editing.jsonl")
+        edi, und = ((load_records(data / "editing.jsonl").records, load_records(data / "understanding.jsonl").records)
+                    if run.reply_steps else ((), ()))
+        final = _last_steps(model, processor, run, out, sampling, cap_prompts, data / "editing.jsonl", edi, und)
         _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
         return final
     records = {name: load_records(data / f"{name}.jsonl").records

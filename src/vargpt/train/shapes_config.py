@@ -6,7 +6,8 @@ recipe of run 30, 85.8 min on run 30's machine on 2026-12-07, with its editing S
 checkpoint ran again from run 31's ``post_dpo`` (EVAL.md "Run 31f"; the doubled editing SFT takes about 63 min more
 on that slower machine, about 33 more on run 30's, so the one command no longer fits 90 min), then a DPO round
 on caption prompts (``edit_dpo_prompts``; EVAL.md "Run 31g", about 9 min more on this machine) and one on edits
-(``edit_dpo_edits``; EVAL.md "Run 31h", about 13 min more). What each option did in the runs that tried it is in
+(``edit_dpo_edits``; EVAL.md "Run 31h", about 13 min more), with the LLM trained alone on the replies before
+them (``reply_steps``; EVAL.md "Run 31i", about 19 min more). What each option did in the runs that tried it is in
 EVAL.md."""
 
 from __future__ import annotations
@@ -203,6 +204,16 @@ class ShapesRunConfig:
     # edit_dpo_prompts=0``; 678 pairs, the other 522 edits' four samples all passed): editing 0.646 -> 0.714 (given
     # a right reply 0.778 -> 0.855), generation 0.902 -> 0.936, understanding 0.977 (EVAL.md "Run 31h")
     edit_dpo_edits: int = 1200
+    # after the editing SFT, before the DPO rounds (``reply`` in the log): ``reply_steps`` steps of the LLM alone
+    # (``SHAPES_STAGES["reply"]``) on the edits and as many questions, at ``reply_lr``, on the text loss only, so the
+    # decoder is untouched and the rounds after it train the drawing on the LLM's final prompt states. 0: none
+    # (runs 1-31h). The editing SFT's 12,000 steps leave the reply undertrained (6,000: right 0.670; 12,000: 0.830);
+    # 3,000 such steps from run 31h's final (ad hoc, before the option): reply 0.830 -> 0.856, understanding 0.977
+    # -> 0.982, editing 0.714 -> 0.720. Run 31i (the shipped recipe: run 31f's final with this phase and both
+    # rounds, ``scripts/shapes_rerun_editing.py --start final --set reply_steps=3000``; the phase 18.5 min): reply
+    # 0.858, understanding 0.980, generation 0.959, editing 0.722 (EVAL.md "Run 31i")
+    reply_steps: int = 3000
+    reply_lr: float = 1e-4
     # the editing SFT's learning rate (None: ``lr``). Editing scored 0 at every setting tried before run 21, and the
     # phase costs generation: run 8 (600 steps at 1e-3) -0.052, run 9 (300 at 1e-4) -0.049, run 11 (200 at 1e-4) -0.079,
     # from the post-DPO to the final checkpoint; at 1e-5 +0.017 (run 11's rerun), -0.014 (run 12), -0.007 (run 13) and
@@ -306,6 +317,12 @@ class ShapesRunConfig:
                      "stage2_describe"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0")
+        if self.reply_steps < 0 or not self.reply_lr > 0:
+            raise ValueError(f"ShapesRunConfig.reply_steps={self.reply_steps}, reply_lr={self.reply_lr}: expected "
+                             "steps >= 0 (0: none) and a positive rate")
+        if self.reply_steps and not self.edit_llm:
+            raise ValueError(f"ShapesRunConfig.reply_steps={self.reply_steps} trains the LLM after the editing SFT: "
+                             "expected edit_llm=True (the replies are the LLM's)")
         for name in ("edit_dpo_prompts", "edit_dpo_steps", "edit_dpo_edits"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ShapesRunConfig.{name}={getattr(self, name)}: expected >= 0 (0: no caption DPO)")
@@ -389,4 +406,4 @@ class ShapesRunConfig:
                    stage2_steps=4, vit_steps=3, vit_batch=4, vit_scenes=32, stage3a_steps=3, stage3c_steps=3,
                    stage3c_frozen_steps=2, n_captions=16, vae_scenes=16,
                    dpo_steps=2, edit_steps=3, batch_size=4, dpo_prompts=4, dpo_candidates=2, sampling_per_category=1,
-                   sampling_edits=4, edit_dpo_prompts=4, edit_dpo_steps=2, edit_dpo_edits=4)
+                   sampling_edits=4, edit_dpo_prompts=4, edit_dpo_steps=2, edit_dpo_edits=4, reply_steps=2)
