@@ -211,7 +211,9 @@ def _llm_rate(stage: Stage, rate: float | None) -> dict[str, float] | None:
 
 def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConfig, out: Path, name: str,
          lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None,
-         module_lr: dict[str, float] | None = None) -> list[float]:
+         module_lr: dict[str, float] | None = None, step_fn=None) -> list[float]:
+    """An SFT phase; ``step_fn`` (None: the loop's default, through the latent cache with ``run.cache_latents``)
+    replaces the training step as given (the replies' phase: ``_text_loss_step``)."""
     apply_stage(model, stage)
     gen = torch.Generator().manual_seed(run.seed + zlib.crc32(name.encode()) % 1000)
     collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
@@ -225,7 +227,8 @@ def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConf
     keys = [batch_group(r) if run.length_groups else r.task for r in records]
     index = {k: i for i, k in enumerate(sorted(set(keys)))}
     # the VAE is frozen after the tokenizer phase: each target is encoded once per phase (the same features)
-    step_fn = LatentCache().step_fn() if run.cache_latents else None
+    if step_fn is None and run.cache_latents:
+        step_fn = LatentCache().step_fn()
     result = train(model, records, collate, cfg, step_fn=step_fn, eval_fn=eval_fn,
                    group_ids=[index[k] for k in keys])
     return result.losses
@@ -427,7 +430,7 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
     return _last_steps(model, processor, run, out, sampling, list(cap_prompts), edits, edi, und)
 
 
-def text_loss_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+def _text_loss_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """``step_fn`` training on the answers' text alone (``VARGPT.forward``'s ``text_loss``; the bit loss is a metric
     and sends no gradient)."""
     out = model(**batch)
@@ -441,15 +444,8 @@ def _reply_sft(model, processor, run: ShapesRunConfig, out: Path, edi, und) -> l
     if not run.reply_steps:
         return []
     mix = editing_mix(edi, (), (), und, with_questions=True)
-    apply_stage(model, SHAPES_STAGES["reply"])
-    gen = torch.Generator().manual_seed(run.seed + zlib.crc32(b"reply") % 1000)
-    collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
-    cfg = TrainConfig(lr=run.reply_lr, weight_decay=run.weight_decay, max_steps=run.reply_steps,
-                      batch_size=run.batch_size, warmup_ratio=0.05, seed=run.seed, out_dir=str(out / "reply"),
-                      log_every=max(1, run.reply_steps // 20), mixed_precision=run.mixed_precision)
-    keys = [batch_group(r) if run.length_groups else r.task for r in mix]
-    index = {k: i for i, k in enumerate(sorted(set(keys)))}
-    losses = train(model, mix, collate, cfg, step_fn=text_loss_step, group_ids=[index[k] for k in keys]).losses
+    losses = _sft(model, processor, mix, SHAPES_STAGES["reply"], run.reply_steps, run, out, "reply",
+                  lr=run.reply_lr, step_fn=_text_loss_step)
     _log(out, f"reply: {run.reply_steps} steps on {len(mix)} records, text loss {losses[0]:.3f} -> "
               f"{_tail(losses):.3f}")
     return losses
