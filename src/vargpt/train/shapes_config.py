@@ -199,10 +199,11 @@ class ShapesRunConfig:
     # draws after the model's own, the reply's rendered scene as the teacher's candidate, ranked by
     # ``caption_reward``; ``edit_dpo_steps`` steps at ``edit_dpo_lr``. 0: none (runs 1-31g). The caption round
     # corrects the drawing of plain captions, but a second caption round leaves editing flat (probe 36: 0.646 ->
-    # 0.642); an edit's drawing is conditioned on the source image and the instruction too. Run 31h (the shipped
-    # recipe: run 31g's final with this round alone, ``scripts/shapes_rerun_editing.py --start final --set
-    # edit_dpo_prompts=0``; 678 pairs, the other 522 edits' four samples all passed): editing 0.646 -> 0.714 (given
-    # a right reply 0.778 -> 0.855), generation 0.902 -> 0.936, understanding 0.977 (EVAL.md "Run 31h")
+    # 0.642); an edit's drawing is conditioned on the source image and the instruction too. Run 31h (run 31g's
+    # final with this round alone, ``scripts/shapes_rerun_editing.py --start final --set edit_dpo_prompts=0 --set
+    # reply_steps=0``; 678 pairs, the other 522 edits' four samples all passed): editing 0.646 -> 0.714 (given a
+    # right reply 0.778 -> 0.855), generation 0.902 -> 0.936, understanding 0.977 (EVAL.md "Run 31h"); run 31i, the
+    # shipped recipe, runs it after ``reply_steps``
     edit_dpo_edits: int = 1200
     # after the editing SFT, before the DPO rounds (``reply`` in the log): ``reply_steps`` steps of the LLM alone
     # (``SHAPES_STAGES["reply"]``) on the edits and as many questions, at ``reply_lr``, on the text loss only, so the
