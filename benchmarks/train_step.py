@@ -29,7 +29,8 @@ from vargpt.models.vargpt import VARGPT
 from vargpt.train.latents import LatentCache
 from vargpt.train.loop import default_step_fn
 from vargpt.train.recipes import apply_stage
-from vargpt.train.shapes import FULL_RES, SHAPES_STAGES, _set_schedule, shapes_corpus, shapes_processor
+from vargpt.train.shapes import SHAPES_STAGES, shapes_corpus, shapes_processor
+from vargpt.train.shapes_phases import FULL_RES, set_schedule
 
 ARMS = {  # (LLM, decoder)
     "sdpa / sdpa": ("sdpa", "sdpa"),
@@ -63,7 +64,7 @@ def main() -> None:
                                       decoder=dataclasses.replace(base.decoder, attn_implementation=dec))
             m = VARGPT(cfg)
             m.load_state_dict(ref)
-            _set_schedule(m, FULL_RES)
+            set_schedule(m, FULL_RES)
             apply_stage(m, SHAPES_STAGES["stage2"])  # the LLM, the decoder and the projectors train
             models[name] = m.train()
         batches = {}
@@ -71,7 +72,7 @@ def main() -> None:
             collate = SFTCollator(base, processor, generator=torch.Generator().manual_seed(0), prompt_drop_rate=0.0)
             batches[task] = [collate(recs[i * 16:(i + 1) * 16]) for i in range(args.steps)]
 
-    cached_step = LatentCache().step_fn()  # the recipe's path (``vargpt.train.shapes._sft``)
+    cached_step = LatentCache().step_fn()  # the recipe's path (``vargpt.train.shapes_phases.sft_phase``)
 
     def step(model, batch, cached: bool = False) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -51,27 +51,22 @@ import dataclasses
 import json
 import random
 import time
-import zlib
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from vargpt.checkpoint import load_model, save_checkpoint
+from vargpt.checkpoint import load_model
 from vargpt.config import get_preset
-from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, sample_gen_prompt
 from vargpt.data.shapes.tasks import build_split, eval_scenes
 from vargpt.engine import Engine
 from vargpt.eval.shapes import EVAL_SEED, editing_items, generation_items, run_suite, understanding_items
-from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, load_sampling_defaults, save_sampling_defaults
+from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, load_sampling_defaults
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
-from vargpt.train.dpo import DPOStep, PairPrompt, build_pairs
-from vargpt.train.latents import LatentCache
-from vargpt.train.loop import TrainConfig, train
-from vargpt.train.recipes import STAGES, Stage, apply_stage
+from vargpt.train.recipes import STAGES, Stage
 from vargpt.train.shapes_config import LLM_MODULES, ShapesRunConfig
 from vargpt.train.shapes_data import (
     COPY_INSTRUCTION,
@@ -87,6 +82,18 @@ from vargpt.train.shapes_data import (
     question_kind,
     shapes_corpus,
     shapes_processor,
+)
+from vargpt.train.shapes_phases import (
+    FULL_RES,
+    LOW_RES,
+    dpo_round,
+    monitor_fn,
+    run_log,
+    save_run,
+    set_schedule,
+    sft_phase,
+    tail_mean,
+    text_loss_step,
 )
 from vargpt.train.shapes_rewards import (
     caption_prompts,
@@ -106,8 +113,6 @@ __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATIO
            "COPY_REPLY", "batch_group", "copy_records", "describe_records", "question_kind", "shapes_corpus",
            "shapes_processor"]
 
-LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
-MONITOR_LIMIT = 4
 #: The seed of each DPO round (its prompts and its candidates' sampling seeds derive from it).
 DPO_ROUND_SEEDS = {"stage3b": 101, "stage3d": 303, "edit_dpo": 505, "edit_dpo_edits": 707}
 #: Seed of the validation prompts the sampling defaults are chosen on (the generation suite uses ``EVAL_SEED``).
@@ -148,36 +153,6 @@ SHAPES_STAGES: dict[str, Stage] = {
 }
 
 
-def _log(out: Path, msg: str) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    with open(out / "log.txt", "a") as f:
-        f.write(line + "\n")
-
-
-def _tail(losses: list[float]) -> float:
-    """Mean of the last 10 losses."""
-    return sum(losses[-10:]) / len(losses[-10:])
-
-
-def _set_schedule(model: VARGPT, schedule: str) -> None:
-    model.config = dataclasses.replace(model.config, gen_schedule=schedule)
-
-
-def _monitor(processor, suite: str, out: Path, name: str, limit: int | None = MONITOR_LIMIT,
-             sampling: ImageParams | None = None):
-    """An ``eval_fn`` that logs a slice (``limit`` items per category; None = all) of a suite while a phase trains
-    -- progress monitoring only: nothing is selected on it; the reported scores are the full suites'."""
-
-    def eval_fn(model) -> dict[str, float]:
-        scores = run_suite(Engine(model, processor, sampling=sampling), suite, limit=limit).scores
-        _log(out, f"{name}: {suite} ({limit or 'all'} per category) " +
-             " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-        return {f"{suite}/{k}": v for k, v in scores.items()}
-
-    return eval_fn
-
-
 def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: str, edits: bool = False) -> ImageParams:
     """The candidate of ``SAMPLING_CANDIDATES`` scoring best on the validation prompts (``VALIDATION_SEED``).
 
@@ -197,10 +172,10 @@ def _select_sampling(model, processor, run: ShapesRunConfig, out: Path, name: st
             gen_score, score = score, (score + edit_score) / 2
             what = (f"validation {score:.3f} (generation {gen_score:.3f} on {len(items)} prompts, "
                     f"editing {edit_score:.3f} on {len(edit_items)} edits)")
-        _log(out, f"{name}: sampling cfg {cand.cfg_scale} tau {cand.temperature} top-p {cand.top_p}: {what}")
+        run_log(out, f"{name}: sampling cfg {cand.cfg_scale} tau {cand.temperature} top-p {cand.top_p}: {what}")
         if round(score, 9) > round(best_score, 9):  # a tie keeps the earlier (scores are means of means)
             best, best_score = cand, score
-    _log(out, f"{name}: default sampling cfg {best.cfg_scale} tau {best.temperature} top-p {best.top_p}")
+    run_log(out, f"{name}: default sampling cfg {best.cfg_scale} tau {best.temperature} top-p {best.top_p}")
     return best
 
 
@@ -209,37 +184,12 @@ def _llm_rate(stage: Stage, rate: float | None) -> dict[str, float] | None:
     return {m: rate for m in LLM_MODULES if m in stage.trainable} if rate else None
 
 
-def _sft(model, processor, records, stage: Stage, steps: int, run: ShapesRunConfig, out: Path, name: str,
-         lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None,
-         module_lr: dict[str, float] | None = None, step_fn=None) -> list[float]:
-    """An SFT phase; ``step_fn`` (None: the loop's default, through the latent cache with ``run.cache_latents``)
-    replaces the training step as given (the replies' phase: ``_text_loss_step``)."""
-    apply_stage(model, stage)
-    gen = torch.Generator().manual_seed(run.seed + zlib.crc32(name.encode()) % 1000)
-    collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
-    cfg = TrainConfig(lr=lr or run.lr, module_lr=module_lr or {}, weight_decay=run.weight_decay, max_steps=steps,
-                      batch_size=run.batch_size, warmup_ratio=0.05, seed=run.seed, out_dir=str(out / name),
-                      log_every=max(1, steps // 20), eval_every=run.monitor_every if monitor else 0,
-                      mixed_precision=run.mixed_precision)
-    eval_fn = _monitor(processor, monitor, out, name, sampling=sampling) if monitor else None
-    # one task (and length bucket) per batch where possible: an answer of a few tokens is not padded to a row with
-    # 121 image slots (or to a caption)
-    keys = [batch_group(r) if run.length_groups else r.task for r in records]
-    index = {k: i for i, k in enumerate(sorted(set(keys)))}
-    # the VAE is frozen after the tokenizer phase: each target is encoded once per phase (the same features)
-    if step_fn is None and run.cache_latents:
-        step_fn = LatentCache().step_fn()
-    result = train(model, records, collate, cfg, step_fn=step_fn, eval_fn=eval_fn,
-                   group_ids=[index[k] for k in keys])
-    return result.losses
-
-
 def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int,
          sampling: ImageParams) -> list[float]:
     """A DPO round on generation prompts (stages 3b and 3d)."""
     rng = random.Random(run.seed + round_seed)
     prompts = [sample_gen_prompt(rng, GEN_CATEGORIES[i % len(GEN_CATEGORIES)]).text for i in range(run.dpo_prompts)]
-    return _dpo_round(model, processor, run, out, name, round_seed, sampling, prompts, shapes_reward,
+    return dpo_round(model, processor, run, out, name, round_seed, sampling, prompts, shapes_reward,
                       shapes_teacher(run.gen_layout) if run.dpo_teacher else None, run.dpo_steps, run.dpo_lr)
 
 
@@ -250,7 +200,7 @@ def _caption_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: Im
         return []
     if len(prompts) < run.edit_dpo_prompts:
         raise ValueError(f"edit_dpo_prompts={run.edit_dpo_prompts}: only {len(prompts)} caption records' captions")
-    return _dpo_round(model, processor, run, out, "edit_dpo", DPO_ROUND_SEEDS["edit_dpo"], sampling,
+    return dpo_round(model, processor, run, out, "edit_dpo", DPO_ROUND_SEEDS["edit_dpo"], sampling,
                       prompts[: run.edit_dpo_prompts], caption_reward, caption_teacher, run.edit_dpo_steps,
                       run.edit_dpo_lr)
 
@@ -264,39 +214,9 @@ def _edit_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: Image
     if edits is None or not Path(edits).exists():
         raise FileNotFoundError(f"{edits}: the editing records the edit DPO round takes its prompts from "
                                 f"(edit_dpo_edits={run.edit_dpo_edits}; 0 turns the round off)")
-    return _dpo_round(model, processor, run, out, "edit_dpo_edits", DPO_ROUND_SEEDS["edit_dpo_edits"], sampling,
+    return dpo_round(model, processor, run, out, "edit_dpo_edits", DPO_ROUND_SEEDS["edit_dpo_edits"], sampling,
                       edit_prompts(edits, run.edit_dpo_edits), caption_reward, caption_teacher, run.edit_dpo_steps,
                       run.edit_dpo_lr)
-
-
-def _dpo_round(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int, sampling: ImageParams,
-               prompts: list[str | PairPrompt], reward_fn, teacher_fn, steps: int, lr: float) -> list[float]:
-    """Pairs sampled with ``sampling`` (``run.dpo_candidates`` per prompt, and ``teacher_fn``'s candidate), ranked
-    by ``reward_fn``; then ``steps`` DPO steps at ``lr`` against a frozen copy of the model (the rest: ``run``'s DPO
-    settings)."""
-    engine = Engine(model.eval(), processor, sampling=sampling)
-    pairs = build_pairs(engine, prompts, n_candidates=run.dpo_candidates, reward_fn=reward_fn,
-                        params=ImageParams(seed=round_seed), out_dir=out / name / "pairs", seed=round_seed,
-                        teacher_fn=teacher_fn)
-    records = load_records(pairs, kind="dpo").records
-    if not records:
-        _log(out, f"{name}: every prompt tied (no pair); DPO skipped")
-        return []
-    reference = VARGPT(model.config)
-    reference.load_state_dict(model.state_dict())
-    reference.eval().requires_grad_(False)
-    apply_stage(model, STAGES["dpo"])
-    step = DPOStep(reference, beta=run.dpo_beta, sft_weight=run.dpo_sft_weight, seed=run.seed,
-                   bsc_max_strength=run.dpo_bsc)
-    collate = DPOCollator(model.config, processor, crop="center")
-    cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=max(1, run.batch_size // 4),
-                      warmup_ratio=0.1, seed=run.seed, out_dir=str(out / name), log_every=1)
-    _log(out, f"{name}: {len(records)} preference pairs from {len(prompts)} prompts")
-    losses = train(model.train(), records, collate, cfg, step_fn=step).losses
-    if losses:
-        # the mean of the last steps, as the SFT phases log it (one DPO step sees only batch_size // 4 pairs)
-        _log(out, f"{name}: {len(losses)} DPO steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
-    return losses
 
 
 def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
@@ -326,7 +246,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     edi = load_records(split.editing).records
     caps = load_records(split.captions).records if split.captions else []
     desc = describe_records(caps, run.n_describe)
-    _log(out, f"data: {len(und)} understanding (+ {len(single)} one-object), {len(gen)} generation, "
+    run_log(out, f"data: {len(und)} understanding (+ {len(single)} one-object), {len(gen)} generation, "
               f"{len(edi)} editing, {len(caps)} caption records (edit replies: {run.edit_reply}), {len(desc)} "
               f"describe records of the caption images ({len(desc[:run.stage2_describe])} in stage 2)")
 
@@ -345,8 +265,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
                              foreground_weight=run.vae_foreground_weight, mixed_precision=run.vae_mixed_precision)
     losses = train_vae(model.vae, images, vae_cfg)
     model.vae.eval().requires_grad_(False)
-    _log(out, f"tokenizer: {run.vae_steps} steps, recon {losses[0]['recon']:.4f} -> {losses[-1]['recon']:.4f}")
-    _monitor(processor, "tokenizer", out, "tokenizer", limit=None)(model)  # all 500 held-out scenes
+    run_log(out, f"tokenizer: {run.vae_steps} steps, recon {losses[0]['recon']:.4f} -> {losses[-1]['recon']:.4f}")
+    monitor_fn(processor, "tokenizer", out, "tokenizer", limit=None)(model)  # all 500 held-out scenes
 
     # 1b. the ViT (the stand-in for a pretrained vision encoder), checked on validation scenes
     stage2 = SHAPES_STAGES["stage2"]
@@ -354,12 +274,12 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
         vit = pretrain_vit(model, processor, steps=run.vit_steps, batch_size=run.vit_batch, lr=run.vit_lr,
                            n_scenes=run.vit_scenes, seed=run.seed, exclude=held_out,
                            val_scenes=eval_scenes(VALIDATION_SEED, 500))
-        _log(out, f"vit: {run.vit_steps} steps, loss {vit.losses[0]:.3f} -> {_tail(vit.losses):.3f}, validation "
+        run_log(out, f"vit: {run.vit_steps} steps, loss {vit.losses[0]:.3f} -> {tail_mean(vit.losses):.3f}, validation "
                   f"scenes read back from the tokens {vit.val_exact:.3f} (500)")
         stage2 = SHAPES_STAGES["stage2_frozen_vit"]
 
     # 2. stage 1, 3. stage 2 (warm-up on one-object questions, then the mix)
-    _set_schedule(model, FULL_RES)
+    set_schedule(model, FULL_RES)
     phases = [("stage1", SHAPES_STAGES["stage1"], gen, run.stage1_steps, "generation"),
               ("stage2_warmup", stage2, single, run.stage2_warmup_steps, "understanding")]
     if run.stage2_curriculum:
@@ -370,11 +290,11 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
                 + desc[: run.stage2_describe], run.stage2_steps, "understanding")]
     for name, stage, recs, steps, monitor in phases:
         if not recs or not steps:  # e.g. n_single = 0: no warm-up
-            _log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
+            run_log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
             continue
-        losses = _sft(model, processor, recs, stage, steps, run, out, name, monitor=monitor,
+        losses = sft_phase(model, processor, recs, stage, steps, run, out, name, monitor=monitor,
                       module_lr=_llm_rate(stage, run.llm_lr))
-        _log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
+        run_log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {tail_mean(losses):.3f}")
 
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
     sampling = SAMPLING_CANDIDATES[0]
@@ -384,33 +304,33 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     edits, copies = edi[: run.stage3_editing], copy_records(edi[: run.stage3_copies])
     caps3 = caps[: run.stage3_captions]
     recs3 = gen + caps3 + questions + edits + copies
-    _log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(caps3)} captions, "
+    run_log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(caps3)} captions, "
               f"{len(questions)} questions, {len(edits)} edits, {len(copies)} copies)")
     for name, schedule, steps in (("stage3a", LOW_RES, run.stage3a_steps), ("stage3c", FULL_RES, run.stage3c_steps)):
-        _set_schedule(model, schedule)
+        set_schedule(model, schedule)
         if name == "stage3c" and run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
             # (the edits with captioned replies too: the decoder learns to draw what the reply names)
             frozen = gen + caps3 + (edits if run.edit_reply != "fixed" else [])
-            losses = _sft(model, processor, frozen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
+            losses = sft_phase(model, processor, frozen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
                           "stage3c_frozen", monitor="generation", sampling=sampling)
-            _log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} -> "
-                      f"{_tail(losses):.3f}")
-        losses = _sft(model, processor, recs3, stage3, steps, run, out, name, monitor="generation",
+            run_log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} -> "
+                      f"{tail_mean(losses):.3f}")
+        losses = sft_phase(model, processor, recs3, stage3, steps, run, out, name, monitor="generation",
                       sampling=sampling, module_lr=_llm_rate(stage3, run.stage3_llm_lr))
-        _log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
-                  f"{_tail(losses):.3f}")
+        run_log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
+                  f"{tail_mean(losses):.3f}")
         sampling = _select_sampling(model, processor, run, out, name)
         dpo_name = {"stage3a": "stage3b", "stage3c": "stage3d"}[name]
         if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
-            _save(model, processor, out / "pre_dpo", sampling)
+            save_run(model, processor, out / "pre_dpo", sampling)
         _dpo(model, processor, run, out, dpo_name, DPO_ROUND_SEEDS[dpo_name], sampling)
         if name == "stage3c":  # ... and the one right after DPO (DPO gain = post_dpo - pre_dpo, same settings)
-            _save(model, processor, out / "post_dpo", sampling)
+            save_run(model, processor, out / "post_dpo", sampling)
 
     # 5. editing
     cap_prompts = caption_prompts(split.captions) if split.captions else []
     final = _finish(model, processor, gen, edi, und, run, out, sampling, caps, desc, cap_prompts, split.editing)
-    _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
+    run_log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
     return final
 
 
@@ -418,24 +338,16 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
             caps=(), desc=(), cap_prompts=(), edits: Path | None = None) -> Path:
     """The recipe's last steps: the editing SFT (edits, ``caps`` caption records, generation records and, with
     ``edit_llm``, questions and ``desc`` describe records), then ``_last_steps``."""
-    _set_schedule(model, FULL_RES)
+    set_schedule(model, FULL_RES)
     # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
     # generation only and its answers collapsed into edit replies, EVAL.md)
     mix = editing_mix(edi, caps, gen, und, desc, with_questions=run.edit_llm)
     stage = SHAPES_STAGES["edit" if run.edit_llm else "edit_frozen_llm"]
     llm_rate = {"backbone.model.language_model": run.edit_llm_lr} if run.edit_llm and run.edit_llm_lr else None
-    losses = _sft(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
+    losses = sft_phase(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
                   monitor="editing", sampling=sampling, module_lr=llm_rate)
-    _log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {_tail(losses):.3f}")
+    run_log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {tail_mean(losses):.3f}")
     return _last_steps(model, processor, run, out, sampling, list(cap_prompts), edits, edi, und)
-
-
-def _text_loss_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """``step_fn`` training on the answers' text alone (``VARGPT.forward``'s ``text_loss``; the bit loss is a metric
-    and sends no gradient)."""
-    out = model(**batch)
-    metrics = {k: getattr(out, k) for k in ("text_loss", "bit_loss") if getattr(out, k, None) is not None}
-    return out.text_loss, metrics
 
 
 def _reply_sft(model, processor, run: ShapesRunConfig, out: Path, edi, und) -> list[float]:
@@ -444,10 +356,10 @@ def _reply_sft(model, processor, run: ShapesRunConfig, out: Path, edi, und) -> l
     if not run.reply_steps:
         return []
     mix = editing_mix(edi, (), (), und, with_questions=True)
-    losses = _sft(model, processor, mix, SHAPES_STAGES["reply"], run.reply_steps, run, out, "reply",
-                  lr=run.reply_lr, step_fn=_text_loss_step)
-    _log(out, f"reply: {run.reply_steps} steps on {len(mix)} records, text loss {losses[0]:.3f} -> "
-              f"{_tail(losses):.3f}")
+    losses = sft_phase(model, processor, mix, SHAPES_STAGES["reply"], run.reply_steps, run, out, "reply",
+                  lr=run.reply_lr, step_fn=text_loss_step)
+    run_log(out, f"reply: {run.reply_steps} steps on {len(mix)} records, text loss {losses[0]:.3f} -> "
+              f"{tail_mean(losses):.3f}")
     return losses
 
 
@@ -463,7 +375,7 @@ def _last_steps(model, processor, run: ShapesRunConfig, out: Path, sampling: Ima
     # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
     # model), so the final checkpoint's defaults are chosen again, on validation edits as well (``sampling_edits``)
     sampling = _select_sampling(model, processor, run, out, "edit", edits=True)
-    return _save(model, processor, out / "final", sampling)
+    return save_run(model, processor, out / "final", sampling)
 
 
 def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig | None = None,
@@ -506,11 +418,11 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     cap_prompts = caption_prompts(captions) if run.n_captions and captions.exists() else []
     torch.manual_seed(run.seed)  # after loading (building the model draws from the global RNG)
     if start == "final":
-        _set_schedule(model, FULL_RES)
+        set_schedule(model, FULL_RES)
         edi, und = ((load_records(data / "editing.jsonl").records, load_records(data / "understanding.jsonl").records)
                     if run.reply_steps else ((), ()))
         final = _last_steps(model, processor, run, out, sampling, cap_prompts, data / "editing.jsonl", edi, und)
-        _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
+        run_log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
         return final
     records = {name: load_records(data / f"{name}.jsonl").records
                for name in ("understanding", "generation", "editing")}
@@ -518,18 +430,8 @@ def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig
     desc = describe_records(caps, run.n_describe)
     if start == "pre_dpo":  # (pre_dpo's config holds the full-resolution schedule)
         _dpo(model, processor, run, out, "stage3d", DPO_ROUND_SEEDS["stage3d"], sampling)
-        _save(model, processor, out / "post_dpo", sampling)
+        save_run(model, processor, out / "post_dpo", sampling)
     final = _finish(model, processor, records["generation"], records["editing"], records["understanding"], run, out,
                     sampling, caps, desc, cap_prompts, data / "editing.jsonl")
-    _log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
+    run_log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min (from {source}) -> {final}")
     return final
-
-
-def _save(model: VARGPT, processor: Processor, path: Path, sampling: ImageParams) -> Path:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    save_checkpoint(model, path)
-    processor.save(path)
-    save_sampling_defaults(path, sampling)
-    return path
