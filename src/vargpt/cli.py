@@ -278,6 +278,8 @@ def train_cmd(
         "--gen-schedule", help="Generation schedule (default: the recipe's, e.g. 0.06M).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="shapes: a few-minute run that checks the mechanics.")]
     = False,
+    fast: Annotated[bool, typer.Option("--fast", help="shapes: the recipe cut to fit 90 minutes on a 2-core CPU "
+                                                      "(ShapesRunConfig.fast; lower scores, EVAL.md).")] = False,
 ) -> None:
     """Train a recipe on record files and save a complete checkpoint to OUT/final (docs/training.md).
 
@@ -292,7 +294,10 @@ def train_cmd(
         from vargpt.train.run_config import TrainCommandError, apply_sets
 
         try:
-            run = apply_sets(ShapesRunConfig.quick() if quick else ShapesRunConfig(), set_ or [])
+            if quick and fast:
+                raise TrainCommandError("--quick and --fast are two different recipes; give one")
+            base = ShapesRunConfig.quick() if quick else ShapesRunConfig.fast() if fast else ShapesRunConfig()
+            run = apply_sets(base, set_ or [])
         except TrainCommandError as e:
             _fail(str(e))
         final = run_shapes(out, run)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -77,6 +78,21 @@ def test_shapes_set_errors_name_the_item_and_what_was_expected(tmp_path, item, m
     r = CliRunner().invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--set", item])
     assert r.exit_code == 2 and message in r.output, r.output
     assert not (tmp_path / "run").exists()  # nothing is written before the settings are checked
+
+
+def test_fast_recipe_keeps_every_phase_with_fewer_steps(tmp_path) -> None:
+    from vargpt.train.shapes import ShapesRunConfig
+
+    full, fast = ShapesRunConfig(), ShapesRunConfig.fast()
+    steps = ("vae_steps", "vit_steps", "stage1_steps", "stage2_steps", "stage3c_frozen_steps", "stage3c_steps",
+             "edit_steps", "reply_steps", "edit_dpo_prompts", "edit_dpo_edits", "edit_dpo_steps", "sampling_edits")
+    for name in steps:  # every phase still runs, shorter
+        assert 0 < getattr(fast, name) < getattr(full, name), name
+    changed = {f for f in dataclasses.asdict(full) if getattr(full, f) != getattr(fast, f)}
+    assert changed == set(steps) | {"monitor_every"}  # the same data, rates and options as the default recipe
+    r = CliRunner().invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--quick", "--fast"])
+    assert r.exit_code == 2 and "--quick and --fast" in r.output, r.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_shapes_template_is_qwen2_vl_without_the_default_system_turn(tmp_path) -> None:
@@ -213,7 +229,6 @@ def test_shapes_bpe_processor_trains_on_one_token_answers(tmp_path) -> None:
 
 @pytest.mark.parametrize("edit_llm", [False, True])
 def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_llm) -> None:
-    import dataclasses
 
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
@@ -570,7 +585,6 @@ def test_describe_records_ask_for_the_caption_of_the_multi_object_caption_images
 
 
 def test_from_run_reads_a_finished_runs_settings_and_names_the_missing_fields(tmp_path) -> None:
-    import dataclasses
 
     from vargpt.train.shapes import ShapesRunConfig
 
