@@ -229,7 +229,6 @@ def test_shapes_bpe_processor_trains_on_one_token_answers(tmp_path) -> None:
 
 @pytest.mark.parametrize("edit_llm", [False, True])
 def test_edit_llm_decides_whether_the_editing_sft_moves_the_llm(tmp_path, edit_llm) -> None:
-
     from vargpt.checkpoint import load_model
     from vargpt.train.shapes import ShapesRunConfig, run_shapes
 
@@ -585,7 +584,6 @@ def test_describe_records_ask_for_the_caption_of_the_multi_object_caption_images
 
 
 def test_from_run_reads_a_finished_runs_settings_and_names_the_missing_fields(tmp_path) -> None:
-
     from vargpt.train.shapes import ShapesRunConfig
 
     saved = dataclasses.asdict(dataclasses.replace(ShapesRunConfig(), edit_steps=7, stage2_curriculum=("color:2",)))

@@ -190,7 +190,7 @@ def _dpo(model, processor, run: ShapesRunConfig, out: Path, name: str, round_see
     rng = random.Random(run.seed + round_seed)
     prompts = [sample_gen_prompt(rng, GEN_CATEGORIES[i % len(GEN_CATEGORIES)]).text for i in range(run.dpo_prompts)]
     return dpo_round(model, processor, run, out, name, round_seed, sampling, prompts, shapes_reward,
-                      shapes_teacher(run.gen_layout) if run.dpo_teacher else None, run.dpo_steps, run.dpo_lr)
+                     shapes_teacher(run.gen_layout) if run.dpo_teacher else None, run.dpo_steps, run.dpo_lr)
 
 
 def _caption_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams,
@@ -201,8 +201,8 @@ def _caption_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: Im
     if len(prompts) < run.edit_dpo_prompts:
         raise ValueError(f"edit_dpo_prompts={run.edit_dpo_prompts}: only {len(prompts)} caption records' captions")
     return dpo_round(model, processor, run, out, "edit_dpo", DPO_ROUND_SEEDS["edit_dpo"], sampling,
-                      prompts[: run.edit_dpo_prompts], caption_reward, caption_teacher, run.edit_dpo_steps,
-                      run.edit_dpo_lr)
+                     prompts[: run.edit_dpo_prompts], caption_reward, caption_teacher, run.edit_dpo_steps,
+                     run.edit_dpo_lr)
 
 
 def _edit_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams,
@@ -215,8 +215,8 @@ def _edit_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: Image
         raise FileNotFoundError(f"{edits}: the editing records the edit DPO round takes its prompts from "
                                 f"(edit_dpo_edits={run.edit_dpo_edits}; 0 turns the round off)")
     return dpo_round(model, processor, run, out, "edit_dpo_edits", DPO_ROUND_SEEDS["edit_dpo_edits"], sampling,
-                      edit_prompts(edits, run.edit_dpo_edits), caption_reward, caption_teacher, run.edit_dpo_steps,
-                      run.edit_dpo_lr)
+                     edit_prompts(edits, run.edit_dpo_edits), caption_reward, caption_teacher, run.edit_dpo_steps,
+                     run.edit_dpo_lr)
 
 
 def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
@@ -247,8 +247,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     caps = load_records(split.captions).records if split.captions else []
     desc = describe_records(caps, run.n_describe)
     run_log(out, f"data: {len(und)} understanding (+ {len(single)} one-object), {len(gen)} generation, "
-              f"{len(edi)} editing, {len(caps)} caption records (edit replies: {run.edit_reply}), {len(desc)} "
-              f"describe records of the caption images ({len(desc[:run.stage2_describe])} in stage 2)")
+            f"{len(edi)} editing, {len(caps)} caption records (edit replies: {run.edit_reply}), {len(desc)} "
+            f"describe records of the caption images ({len(desc[:run.stage2_describe])} in stage 2)")
 
     cfg = dataclasses.replace(get_preset("shapes"), text_loss_reduction=run.text_loss_reduction)
     if run.vae_padding_mode is not None:
@@ -275,7 +275,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
                            n_scenes=run.vit_scenes, seed=run.seed, exclude=held_out,
                            val_scenes=eval_scenes(VALIDATION_SEED, 500))
         run_log(out, f"vit: {run.vit_steps} steps, loss {vit.losses[0]:.3f} -> {tail_mean(vit.losses):.3f}, validation "
-                  f"scenes read back from the tokens {vit.val_exact:.3f} (500)")
+                f"scenes read back from the tokens {vit.val_exact:.3f} (500)")
         stage2 = SHAPES_STAGES["stage2_frozen_vit"]
 
     # 2. stage 1, 3. stage 2 (warm-up on one-object questions, then the mix)
@@ -293,7 +293,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
             run_log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
             continue
         losses = sft_phase(model, processor, recs, stage, steps, run, out, name, monitor=monitor,
-                      module_lr=_llm_rate(stage, run.llm_lr))
+                           module_lr=_llm_rate(stage, run.llm_lr))
         run_log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {tail_mean(losses):.3f}")
 
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
@@ -305,20 +305,20 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     caps3 = caps[: run.stage3_captions]
     recs3 = gen + caps3 + questions + edits + copies
     run_log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(caps3)} captions, "
-              f"{len(questions)} questions, {len(edits)} edits, {len(copies)} copies)")
+            f"{len(questions)} questions, {len(edits)} edits, {len(copies)} copies)")
     for name, schedule, steps in (("stage3a", LOW_RES, run.stage3a_steps), ("stage3c", FULL_RES, run.stage3c_steps)):
         set_schedule(model, schedule)
         if name == "stage3c" and run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
             # (the edits with captioned replies too: the decoder learns to draw what the reply names)
             frozen = gen + caps3 + (edits if run.edit_reply != "fixed" else [])
             losses = sft_phase(model, processor, frozen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
-                          "stage3c_frozen", monitor="generation", sampling=sampling)
+                               "stage3c_frozen", monitor="generation", sampling=sampling)
             run_log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} -> "
-                      f"{tail_mean(losses):.3f}")
+                    f"{tail_mean(losses):.3f}")
         losses = sft_phase(model, processor, recs3, stage3, steps, run, out, name, monitor="generation",
-                      sampling=sampling, module_lr=_llm_rate(stage3, run.stage3_llm_lr))
+                           sampling=sampling, module_lr=_llm_rate(stage3, run.stage3_llm_lr))
         run_log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
-                  f"{tail_mean(losses):.3f}")
+                f"{tail_mean(losses):.3f}")
         sampling = _select_sampling(model, processor, run, out, name)
         dpo_name = {"stage3a": "stage3b", "stage3c": "stage3d"}[name]
         if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
@@ -345,7 +345,7 @@ def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sa
     stage = SHAPES_STAGES["edit" if run.edit_llm else "edit_frozen_llm"]
     llm_rate = {"backbone.model.language_model": run.edit_llm_lr} if run.edit_llm and run.edit_llm_lr else None
     losses = sft_phase(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
-                  monitor="editing", sampling=sampling, module_lr=llm_rate)
+                       monitor="editing", sampling=sampling, module_lr=llm_rate)
     run_log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {tail_mean(losses):.3f}")
     return _last_steps(model, processor, run, out, sampling, list(cap_prompts), edits, edi, und)
 
@@ -357,9 +357,9 @@ def _reply_sft(model, processor, run: ShapesRunConfig, out: Path, edi, und) -> l
         return []
     mix = editing_mix(edi, (), (), und, with_questions=True)
     losses = sft_phase(model, processor, mix, SHAPES_STAGES["reply"], run.reply_steps, run, out, "reply",
-                  lr=run.reply_lr, step_fn=text_loss_step)
+                       lr=run.reply_lr, step_fn=text_loss_step)
     run_log(out, f"reply: {run.reply_steps} steps on {len(mix)} records, text loss {losses[0]:.3f} -> "
-              f"{tail_mean(losses):.3f}")
+            f"{tail_mean(losses):.3f}")
     return losses
 
 

@@ -49,14 +49,14 @@ def set_schedule(model: VARGPT, schedule: str) -> None:
 
 
 def monitor_fn(processor, suite: str, out: Path, name: str, limit: int | None = MONITOR_LIMIT,
-             sampling: ImageParams | None = None):
+               sampling: ImageParams | None = None):
     """An ``eval_fn`` that logs a slice (``limit`` items per category; None = all) of a suite while a phase trains
     -- progress monitoring only: nothing is selected on it; the reported scores are the full suites'."""
 
     def eval_fn(model) -> dict[str, float]:
         scores = run_suite(Engine(model, processor, sampling=sampling), suite, limit=limit).scores
         run_log(out, f"{name}: {suite} ({limit or 'all'} per category) " +
-             " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+                " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         return {f"{suite}/{k}": v for k, v in scores.items()}
 
     return eval_fn
@@ -71,8 +71,8 @@ def text_loss_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def sft_phase(model, processor, records, stage: Stage, steps: int, run: ShapesRunConfig, out: Path, name: str,
-         lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None,
-         module_lr: dict[str, float] | None = None, step_fn=None) -> list[float]:
+              lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None,
+              module_lr: dict[str, float] | None = None, step_fn=None) -> list[float]:
     """An SFT phase; ``step_fn`` (None: the loop's default, through the latent cache with ``run.cache_latents``)
     replaces the training step as given (the replies' phase: ``text_loss_step``)."""
     apply_stage(model, stage)
@@ -96,7 +96,7 @@ def sft_phase(model, processor, records, stage: Stage, steps: int, run: ShapesRu
 
 
 def dpo_round(model, processor, run: ShapesRunConfig, out: Path, name: str, round_seed: int, sampling: ImageParams,
-               prompts: list[str | PairPrompt], reward_fn, teacher_fn, steps: int, lr: float) -> list[float]:
+              prompts: list[str | PairPrompt], reward_fn, teacher_fn, steps: int, lr: float) -> list[float]:
     """Pairs sampled with ``sampling`` (``run.dpo_candidates`` per prompt, and ``teacher_fn``'s candidate), ranked
     by ``reward_fn``; then ``steps`` DPO steps at ``lr`` against a frozen copy of the model (the rest: ``run``'s DPO
     settings)."""
