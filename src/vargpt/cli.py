@@ -251,6 +251,43 @@ def edit(
 
 
 # ------------------------------------------------------------------------------------------------------ training
+def _train_shapes(out: Path, *, data, resume: str | None, quick: bool, fast: bool, sets: list[str],
+                  stop_after: str | None) -> None:
+    """`vargpt train shapes`: a fresh run (the default, --quick or --fast recipe with --set over it) or, with
+    --resume latest, the run in OUT after its last finished phase; --stop-after ends either after a phase."""
+    from vargpt.train.run_config import TrainCommandError, apply_sets
+    from vargpt.train.shapes import ShapesRunConfig, ShapesRunError, run_shapes
+
+    if data:
+        _fail("the shapes recipe renders its own data; drop --data")
+    if resume is not None:
+        if resume != "latest":
+            _fail(f"--resume {resume}: a shapes run goes on from its last finished phase; give --resume latest")
+        if quick or fast or sets:
+            _fail(f"--resume latest keeps the run's own settings ({out / 'run_config.json'}); drop --quick, --fast "
+                  "and --set")
+        run = None
+    else:
+        if out.exists() and any(out.iterdir()):
+            hint = " (or --resume latest to go on with the run in it)" if (out / "run_config.json").is_file() else ""
+            _fail(f"{out} is not empty; the shapes recipe needs a fresh folder{hint}")
+        try:
+            if quick and fast:
+                raise TrainCommandError("--quick and --fast are two different recipes; give one")
+            base = ShapesRunConfig.quick() if quick else ShapesRunConfig.fast() if fast else ShapesRunConfig()
+            run = apply_sets(base, sets)
+        except TrainCommandError as e:
+            _fail(str(e))
+    try:
+        final = run_shapes(out, run, resume=resume is not None, stop_after=stop_after)
+    except ShapesRunError as e:
+        _fail(str(e))
+    if final is None:
+        typer.echo(f"stopped after {stop_after}; go on with: vargpt train shapes --out {out} --resume latest")
+    else:
+        typer.echo(f"checkpoint: {final}")
+
+
 @app.command("train")
 def train_cmd(
     recipe: Annotated[str, typer.Argument(
@@ -263,7 +300,8 @@ def train_cmd(
     init: Annotated[Path | None, typer.Option("--init", help="Starting checkpoint directory.")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Start from a fresh preset (small vocabularies).")]
     = None,
-    resume: Annotated[str | None, typer.Option("--resume", help="Training checkpoint to continue, or 'latest'.")]
+    resume: Annotated[str | None, typer.Option(
+        "--resume", help="Training checkpoint to continue, or 'latest' (shapes: after the last finished phase).")]
     = None,
     reference: Annotated[Path | None, typer.Option(
         "--reference", help="DPO reference checkpoint (default: the starting weights).")] = None,
@@ -280,29 +318,19 @@ def train_cmd(
     = False,
     fast: Annotated[bool, typer.Option("--fast", help="shapes: the recipe cut to fit 90 minutes on a 2-core CPU "
                                                       "(ShapesRunConfig.fast; lower scores, EVAL.md).")] = False,
+    stop_after: Annotated[str | None, typer.Option(
+        "--stop-after", help="shapes: end the run after this phase (e.g. stage3d); go on with --resume latest.")]
+    = None,
 ) -> None:
     """Train a recipe on record files and save a complete checkpoint to OUT/final (docs/training.md).
 
-    `vargpt train shapes --out DIR` runs the whole Shapes recipe from nothing (vargpt.train.shapes)."""
+    `vargpt train shapes --out DIR` runs the whole Shapes recipe from nothing (vargpt.train.shapes); after an
+    interruption, `vargpt train shapes --out DIR --resume latest` goes on after the last phase it finished."""
     if recipe == "shapes":
-        from vargpt.train.shapes import ShapesRunConfig, run_shapes
-
-        if data:
-            _fail("the shapes recipe renders its own data; drop --data")
-        if out.exists() and any(out.iterdir()):
-            _fail(f"{out} is not empty; the shapes recipe needs a fresh folder")
-        from vargpt.train.run_config import TrainCommandError, apply_sets
-
-        try:
-            if quick and fast:
-                raise TrainCommandError("--quick and --fast are two different recipes; give one")
-            base = ShapesRunConfig.quick() if quick else ShapesRunConfig.fast() if fast else ShapesRunConfig()
-            run = apply_sets(base, set_ or [])
-        except TrainCommandError as e:
-            _fail(str(e))
-        final = run_shapes(out, run)
-        typer.echo(f"checkpoint: {final}")
+        _train_shapes(out, data=data, resume=resume, quick=quick, fast=fast, sets=set_ or [], stop_after=stop_after)
         return
+    if stop_after is not None:
+        _fail("--stop-after is for the shapes recipe (the other recipes stop at --max-steps)")
     if not data:
         _fail("give at least one --data FILE")
     from vargpt.train.cli import run_train

@@ -250,6 +250,23 @@ def test_schedule_clipping_frozen_parameters_and_log(tmp_path):
     assert {"loss", "samples_per_s", "epoch"} <= log[0].keys()
 
 
+def test_the_norm_and_the_clipping_ignore_a_frozen_parameters_stale_gradient(tmp_path):
+    """A frozen parameter holding a gradient from before (e.g. a tokenizer trained in place) changes neither the
+    logged norm nor the clipped update."""
+    runs = {}
+    for name, stale in (("clean", None), ("stale", 100.0)):
+        model = build_mlp()
+        if stale is not None:
+            model.frozen.weight.grad = torch.full_like(model.frozen.weight, stale)
+        cfg = _config(tmp_path, name, max_steps=3, warmup_steps=0, grad_accum=1, max_grad_norm=0.05, log_every=1)
+        train(model, mlp_dataset(), mlp_collate, cfg)
+        runs[name] = (_weights(model), [json.loads(line)["grad_norm"]
+                                        for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
+    (clean, clean_norms), (stale, stale_norms) = runs["clean"], runs["stale"]
+    assert stale_norms == clean_norms and all(n > 0.05 for n in clean_norms)  # clipped, by the same factor
+    assert all(torch.equal(clean[k], stale[k]) for k in clean)
+
+
 def test_module_lr_gives_a_module_its_own_rate_and_the_schedule_scales_both(tmp_path):
     """Adam's first update is -rate * sign(grad) per element (|grad| >> eps): fc2 moves by its own rate, fc1 by lr;
     the longest matching prefix wins; the log's lr is the base group's; a resumed run keeps both rates."""

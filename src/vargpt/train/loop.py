@@ -303,6 +303,9 @@ def train(
         if ds_plugin.is_auto("gradient_clipping"):
             ds_plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
     model, optimizer = accelerator.prepare(model, optimizer)
+    # the norm and the clipping cover what this run trains: a frozen parameter may still hold the gradient of an
+    # earlier phase (a tokenizer or ViT trained before, in place), which would count in the norm and clip for nothing
+    clipped = [p for p in model.parameters() if p.requires_grad]
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(f"the launch configuration sets gradient accumulation to "
                          f"{accelerator.gradient_accumulation_steps}, TrainConfig.grad_accum is {config.grad_accum}; "
@@ -348,7 +351,7 @@ def train(
                     if accelerator.sync_gradients:
                         lr = optimizer.param_groups[0]["lr"]  # the rate this update uses
                         if config.max_grad_norm > 0:
-                            norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                            norm = accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
                             grad_norm = None if norm is None else float(norm)
                         optimizer.step()
                         scheduler.step()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -86,6 +87,8 @@ from vargpt.train.shapes_data import (
 from vargpt.train.shapes_phases import (
     FULL_RES,
     LOW_RES,
+    RunProgress,
+    RunStopped,
     dpo_round,
     monitor_fn,
     run_log,
@@ -107,7 +110,8 @@ from vargpt.train.shapes_vit import pretrain_vit
 from vargpt.train.vae import VAETrainConfig, train_vae
 
 __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "shapes_reward",
-           "shapes_teacher", "caption_reward", "caption_teacher", "caption_prompts", "run_shapes", "rerun_editing",
+           "shapes_teacher", "caption_reward", "caption_teacher", "caption_prompts", "run_shapes", "run_phases",
+           "ShapesRunError", "rerun_editing",
            # re-exported from ``vargpt.train.shapes_data``
            "SHAPES_IMAGE_MEAN", "SHAPES_IMAGE_STD", "SHAPES_CHAT_TEMPLATE", "GROUP_CHARS", "COPY_INSTRUCTION",
            "COPY_REPLY", "batch_group", "copy_records", "describe_records", "question_kind", "shapes_corpus",
@@ -219,16 +223,53 @@ def _edit_dpo(model, processor, run: ShapesRunConfig, out: Path, sampling: Image
                      run.edit_dpo_lr)
 
 
-def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
-    """Train the Shapes model from nothing into ``out_dir``; returns ``out_dir/final``."""
-    run = run or ShapesRunConfig()
+class ShapesRunError(ValueError):
+    """A ``run_shapes`` call that cannot start: a ``stop_after`` that names no phase, or a ``resume`` without a run
+    to go on with or with other settings than the run's."""
+
+
+def run_phases(run: ShapesRunConfig) -> list[str]:
+    """The names of ``run``'s phases in order, as ``run_shapes`` records them done (``stop_after`` takes one)."""
+    curriculum = [f"stage2_{'+'.join(ks)}" for ks, _ in run.curriculum()] if run.stage2_curriculum else []
+    return ["tokenizer", "vit", "stage1", "stage2_warmup", *curriculum, "stage2", "stage3a", "stage3b",
+            "stage3c_frozen", "stage3c", "stage3d", "edit", "reply", "edit_dpo", "edit_dpo_edits", "final"]
+
+
+def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None, *, resume: bool = False,
+               stop_after: str | None = None) -> Path | None:
+    """Train the Shapes model from nothing into ``out_dir``; returns ``out_dir/final``.
+
+    Each finished phase leaves a snapshot in ``out_dir/resume`` (``RunProgress``). ``stop_after`` (a name of
+    ``run_phases(run)``) ends the run after that phase and returns None; ``resume=True`` goes on from the last
+    snapshot of the run in ``out_dir`` (after an interruption or a ``stop_after``) with its settings
+    (``out_dir/run_config.json``; ``run``, if given, must equal them) and computes what one uninterrupted run
+    computes."""
     out = Path(out_dir)
+    if resume:
+        if not (out / "run_config.json").is_file():
+            raise ShapesRunError(f"resume: {out / 'run_config.json'} not found (no shapes run in {out})")
+        saved, missing = ShapesRunConfig.from_run(out)
+        if missing:
+            raise ShapesRunError(f"{out / 'run_config.json'}: no value for {', '.join(missing)} (written by an older "
+                                 "vargpt); a run resumes only with the settings it started with")
+        if run is not None and run != saved:
+            diff = [f"{f.name}={getattr(run, f.name)!r} (the run's: {getattr(saved, f.name)!r})"
+                    for f in dataclasses.fields(run) if getattr(run, f.name) != getattr(saved, f.name)]
+            raise ShapesRunError(f"resume: settings differ from {out / 'run_config.json'}: {'; '.join(diff)}")
+        run = saved
+    run = run or ShapesRunConfig()
+    if stop_after is not None and stop_after not in run_phases(run):
+        raise ShapesRunError(f"stop_after={stop_after!r}: expected one of {', '.join(run_phases(run))}")
+    progress = RunProgress(out, stop_after)
+    if resume and progress.last_snapshot() is None:
+        raise ShapesRunError(f"{out / 'resume'}: no snapshot of a finished phase to go on from (the run stopped in "
+                             "its first phase): start it again in a fresh folder")
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
+    if not resume:
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
     torch.manual_seed(run.seed)
 
-    # 0. data (held-out evaluation scenes excluded)
+    # 0. data (held-out evaluation scenes excluded); a resumed run renders the same split again
     suite_edits = editing_items()
     held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in suite_edits]
     held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
@@ -256,27 +297,55 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     model = VARGPT(cfg).to(run.device)
     texts = shapes_corpus(und + single + gen + edi + caps) if run.tokenizer == "bpe" else None
     processor = shapes_processor(cfg, system_turn=run.system_turn, texts=texts)
+    sampling = SAMPLING_CANDIDATES[0]
+    if resume:
+        model, sampling = progress.restore(run.device)
+        if stop_after in progress.phases:
+            raise ShapesRunError(f"stop_after={stop_after!r}: that phase is done already in {out} (done: "
+                                 f"{', '.join(progress.phases)})")
+        for name in run_phases(run):  # what an interrupted phase left (its log, pairs, checkpoint) goes
+            if progress.pending(name) and (out / name).is_dir():
+                shutil.rmtree(out / name)
+        run_log(out, f"resumed after {progress.phases[-1]} ({progress.elapsed() / 60:.1f} min so far)")
+    try:
+        final = _run_phases(model, processor, run, out, progress, sampling, split, und, single, gen, edi, caps,
+                            desc, held_out)
+    except RunStopped as stop:
+        run_log(out, f"stopped after {stop.args[0]} ({progress.elapsed() / 60:.1f} min so far); go on with "
+                f"vargpt train shapes --out {out} --resume latest")
+        return None
+    run_log(out, f"done in {progress.elapsed() / 60:.1f} min -> {final}")
+    return final
 
+
+def _run_phases(model, processor, run: ShapesRunConfig, out: Path, progress: RunProgress, sampling: ImageParams,
+                split, und, single, gen, edi, caps, desc, held_out) -> Path:
+    """``run_shapes``'s phases from the tokenizer on, each skipped when ``progress`` has it done."""
     # 1. tokenizer, on the generation targets, the edited images (the first ``vae_edits``) and ``vae_scenes``
     # understanding images: with fixed generation targets (few cells, large objects, three colours), the edits' and
     # the questions' random scenes keep every cell, size, colour and object count in its training images
-    images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi[: run.vae_edits] + und[: run.vae_scenes]]
-    vae_cfg = VAETrainConfig(steps=run.vae_steps, batch_size=run.vae_batch, lr=run.vae_lr, lr_schedule="cosine",
-                             foreground_weight=run.vae_foreground_weight, mixed_precision=run.vae_mixed_precision)
-    losses = train_vae(model.vae, images, vae_cfg)
+    if progress.pending("tokenizer"):
+        images = [Image.open(r.images[-1]).convert("RGB") for r in gen + edi[: run.vae_edits] + und[: run.vae_scenes]]
+        vae_cfg = VAETrainConfig(steps=run.vae_steps, batch_size=run.vae_batch, lr=run.vae_lr, lr_schedule="cosine",
+                                 foreground_weight=run.vae_foreground_weight, mixed_precision=run.vae_mixed_precision)
+        losses = train_vae(model.vae, images, vae_cfg)
+        model.vae.eval().requires_grad_(False)
+        run_log(out, f"tokenizer: {run.vae_steps} steps, recon {losses[0]['recon']:.4f} -> "
+                f"{losses[-1]['recon']:.4f}")
+        monitor_fn(processor, "tokenizer", out, "tokenizer", limit=None)(model)  # all 500 held-out scenes
+        progress.done("tokenizer", model, sampling)
     model.vae.eval().requires_grad_(False)
-    run_log(out, f"tokenizer: {run.vae_steps} steps, recon {losses[0]['recon']:.4f} -> {losses[-1]['recon']:.4f}")
-    monitor_fn(processor, "tokenizer", out, "tokenizer", limit=None)(model)  # all 500 held-out scenes
 
     # 1b. the ViT (the stand-in for a pretrained vision encoder), checked on validation scenes
-    stage2 = SHAPES_STAGES["stage2"]
-    if run.vit_steps:
-        vit = pretrain_vit(model, processor, steps=run.vit_steps, batch_size=run.vit_batch, lr=run.vit_lr,
-                           n_scenes=run.vit_scenes, seed=run.seed, exclude=held_out,
-                           val_scenes=eval_scenes(VALIDATION_SEED, 500))
-        run_log(out, f"vit: {run.vit_steps} steps, loss {vit.losses[0]:.3f} -> {tail_mean(vit.losses):.3f}, validation "
-                f"scenes read back from the tokens {vit.val_exact:.3f} (500)")
-        stage2 = SHAPES_STAGES["stage2_frozen_vit"]
+    stage2 = SHAPES_STAGES["stage2_frozen_vit" if run.vit_steps else "stage2"]
+    if progress.pending("vit"):
+        if run.vit_steps:
+            vit = pretrain_vit(model, processor, steps=run.vit_steps, batch_size=run.vit_batch, lr=run.vit_lr,
+                               n_scenes=run.vit_scenes, seed=run.seed, exclude=held_out,
+                               val_scenes=eval_scenes(VALIDATION_SEED, 500))
+            run_log(out, f"vit: {run.vit_steps} steps, loss {vit.losses[0]:.3f} -> {tail_mean(vit.losses):.3f}, "
+                    f"validation scenes read back from the tokens {vit.val_exact:.3f} (500)")
+        progress.done("vit", model, sampling)
 
     # 2. stage 1, 3. stage 2 (warm-up on one-object questions, then the mix)
     set_schedule(model, FULL_RES)
@@ -289,65 +358,77 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None) -> Path:
     phases += [("stage2", stage2, und + gen[: run.stage2_generation] + edi[: run.stage2_editing]
                 + desc[: run.stage2_describe], run.stage2_steps, "understanding")]
     for name, stage, recs, steps, monitor in phases:
+        if not progress.pending(name):
+            continue
         if not recs or not steps:  # e.g. n_single = 0: no warm-up
             run_log(out, f"{name}: skipped ({len(recs)} records, {steps} steps)")
-            continue
-        losses = sft_phase(model, processor, recs, stage, steps, run, out, name, monitor=monitor,
-                           module_lr=_llm_rate(stage, run.llm_lr))
-        run_log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {tail_mean(losses):.3f}")
+        else:
+            losses = sft_phase(model, processor, recs, stage, steps, run, out, name, monitor=monitor,
+                               module_lr=_llm_rate(stage, run.llm_lr))
+            run_log(out, f"{name}: {steps} steps, loss {losses[0]:.3f} -> {tail_mean(losses):.3f}")
+        progress.done(name, model, sampling)
 
     # 4. stage 3: low resolution, DPO, full resolution, DPO (each round samples with the defaults chosen before it)
-    sampling = SAMPLING_CANDIDATES[0]
     stage3 = SHAPES_STAGES["stage3_llm" if run.stage3_llm_lr else "stage3"]
     # with the LLM trainable, questions join the mix; edits, captions and copies of the edits' sources if asked for
     questions = und[: run.stage3_questions] if run.stage3_llm_lr else []
     edits, copies = edi[: run.stage3_editing], copy_records(edi[: run.stage3_copies])
     caps3 = caps[: run.stage3_captions]
     recs3 = gen + caps3 + questions + edits + copies
-    run_log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(caps3)} captions, "
-            f"{len(questions)} questions, {len(edits)} edits, {len(copies)} copies)")
+    if progress.pending("stage3a"):
+        run_log(out, f"stage3: {len(recs3)} records in the mix ({len(gen)} generation, {len(caps3)} captions, "
+                f"{len(questions)} questions, {len(edits)} edits, {len(copies)} copies)")
     for name, schedule, steps in (("stage3a", LOW_RES, run.stage3a_steps), ("stage3c", FULL_RES, run.stage3c_steps)):
-        set_schedule(model, schedule)
-        if name == "stage3c" and run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
-            # (the edits with captioned replies too: the decoder learns to draw what the reply names)
-            frozen = gen + caps3 + (edits if run.edit_reply != "fixed" else [])
-            losses = sft_phase(model, processor, frozen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run, out,
-                               "stage3c_frozen", monitor="generation", sampling=sampling)
-            run_log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} -> "
-                    f"{tail_mean(losses):.3f}")
-        losses = sft_phase(model, processor, recs3, stage3, steps, run, out, name, monitor="generation",
-                           sampling=sampling, module_lr=_llm_rate(stage3, run.stage3_llm_lr))
-        run_log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
-                f"{tail_mean(losses):.3f}")
-        sampling = _select_sampling(model, processor, run, out, name)
         dpo_name = {"stage3a": "stage3b", "stage3c": "stage3d"}[name]
-        if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
-            save_run(model, processor, out / "pre_dpo", sampling)
+        if not progress.pending(dpo_name):
+            continue
+        set_schedule(model, schedule)
+        if name == "stage3c" and progress.pending("stage3c_frozen"):
+            if run.stage3c_frozen_steps:  # the decoder alone first, then a fresh schedule
+                # (the edits with captioned replies too: the decoder learns to draw what the reply names)
+                frozen = gen + caps3 + (edits if run.edit_reply != "fixed" else [])
+                losses = sft_phase(model, processor, frozen, SHAPES_STAGES["stage3"], run.stage3c_frozen_steps, run,
+                                   out, "stage3c_frozen", monitor="generation", sampling=sampling)
+                run_log(out, f"stage3c_frozen ({schedule}): {run.stage3c_frozen_steps} steps, loss {losses[0]:.3f} "
+                        f"-> {tail_mean(losses):.3f}")
+            progress.done("stage3c_frozen", model, sampling)
+        if progress.pending(name):
+            losses = sft_phase(model, processor, recs3, stage3, steps, run, out, name, monitor="generation",
+                               sampling=sampling, module_lr=_llm_rate(stage3, run.stage3_llm_lr))
+            run_log(out, f"{name} ({schedule}): {steps} steps, loss {losses[0]:.3f} -> "
+                    f"{tail_mean(losses):.3f}")
+            sampling = _select_sampling(model, processor, run, out, name)
+            if name == "stage3c":  # keep the pre-DPO checkpoint so that the DPO gain can be measured
+                save_run(model, processor, out / "pre_dpo", sampling)
+            progress.done(name, model, sampling)
         _dpo(model, processor, run, out, dpo_name, DPO_ROUND_SEEDS[dpo_name], sampling)
         if name == "stage3c":  # ... and the one right after DPO (DPO gain = post_dpo - pre_dpo, same settings)
             save_run(model, processor, out / "post_dpo", sampling)
+        progress.done(dpo_name, model, sampling)
 
     # 5. editing
     cap_prompts = caption_prompts(split.captions) if split.captions else []
-    final = _finish(model, processor, gen, edi, und, run, out, sampling, caps, desc, cap_prompts, split.editing)
-    run_log(out, f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {final}")
-    return final
+    return _finish(model, processor, gen, edi, und, run, out, sampling, caps, desc, cap_prompts, split.editing,
+                   progress=progress)
 
 
 def _finish(model, processor, gen, edi, und, run: ShapesRunConfig, out: Path, sampling: ImageParams,
-            caps=(), desc=(), cap_prompts=(), edits: Path | None = None) -> Path:
+            caps=(), desc=(), cap_prompts=(), edits: Path | None = None, progress: RunProgress | None = None) -> Path:
     """The recipe's last steps: the editing SFT (edits, ``caps`` caption records, generation records and, with
     ``edit_llm``, questions and ``desc`` describe records), then ``_last_steps``."""
+    progress = progress or RunProgress(None)
     set_schedule(model, FULL_RES)
-    # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
-    # generation only and its answers collapsed into edit replies, EVAL.md)
-    mix = editing_mix(edi, caps, gen, und, desc, with_questions=run.edit_llm)
-    stage = SHAPES_STAGES["edit" if run.edit_llm else "edit_frozen_llm"]
-    llm_rate = {"backbone.model.language_model": run.edit_llm_lr} if run.edit_llm and run.edit_llm_lr else None
-    losses = sft_phase(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
-                       monitor="editing", sampling=sampling, module_lr=llm_rate)
-    run_log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {tail_mean(losses):.3f}")
-    return _last_steps(model, processor, run, out, sampling, list(cap_prompts), edits, edi, und)
+    if progress.pending("edit"):
+        # with the LLM training here too, understanding records stay in the mix (the first run trained on edits and
+        # generation only and its answers collapsed into edit replies, EVAL.md)
+        mix = editing_mix(edi, caps, gen, und, desc, with_questions=run.edit_llm)
+        stage = SHAPES_STAGES["edit" if run.edit_llm else "edit_frozen_llm"]
+        llm_rate = {"backbone.model.language_model": run.edit_llm_lr} if run.edit_llm and run.edit_llm_lr else None
+        losses = sft_phase(model, processor, mix, stage, run.edit_steps, run, out, "edit", lr=run.edit_lr,
+                           monitor="editing", sampling=sampling, module_lr=llm_rate)
+        run_log(out, f"edit: {run.edit_steps} steps, loss {losses[0]:.3f} -> {tail_mean(losses):.3f}")
+        progress.done("edit", model, sampling)
+    return _last_steps(model, processor, run, out, sampling, list(cap_prompts), edits, edi, und, progress=progress)
 
 
 def _reply_sft(model, processor, run: ShapesRunConfig, out: Path, edi, und) -> list[float]:
@@ -363,19 +444,27 @@ def _reply_sft(model, processor, run: ShapesRunConfig, out: Path, edi, und) -> l
     return losses
 
 
-def _last_steps(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams,
-                cap_prompts: list[str], edits: Path | None, edi=(), und=()) -> Path:
+def _last_steps(model, processor, run: ShapesRunConfig, out: Path, sampling: ImageParams, cap_prompts: list[str],
+                edits: Path | None, edi=(), und=(), progress: RunProgress | None = None) -> Path:
     """After the editing SFT: the LLM alone on the replies (``run.reply_steps``; ``edi`` edits and ``und``
     questions), the DPO round on caption prompts (``run.edit_dpo_prompts`` of ``cap_prompts``), the one on edits
     (``run.edit_dpo_edits`` of the editing records in ``edits``), then the final checkpoint's sampling defaults ->
-    ``out/final``."""
-    _reply_sft(model, processor, run, out, edi, und)
-    _caption_dpo(model, processor, run, out, sampling, cap_prompts)
-    _edit_dpo(model, processor, run, out, sampling, edits)
-    # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the final
-    # model), so the final checkpoint's defaults are chosen again, on validation edits as well (``sampling_edits``)
-    sampling = _select_sampling(model, processor, run, out, "edit", edits=True)
-    return save_run(model, processor, out / "final", sampling)
+    ``out/final`` (each step skipped when ``progress`` has it done)."""
+    progress = progress or RunProgress(None)
+    for name, phase in (("reply", lambda: _reply_sft(model, processor, run, out, edi, und)),
+                        ("edit_dpo", lambda: _caption_dpo(model, processor, run, out, sampling, cap_prompts)),
+                        ("edit_dpo_edits", lambda: _edit_dpo(model, processor, run, out, sampling, edits))):
+        if progress.pending(name):
+            phase()
+            progress.done(name, model, sampling)
+    if progress.pending("final"):
+        # the editing SFT moves the decoder (run 4: the stage-3c choice fell behind the official settings on the
+        # final model), so the final checkpoint's defaults are chosen again, on validation edits as well
+        # (``sampling_edits``)
+        sampling = _select_sampling(model, processor, run, out, "edit", edits=True)
+        save_run(model, processor, out / "final", sampling)
+        progress.done("final", model, sampling)
+    return out / "final"
 
 
 def rerun_editing(run_dir: str | Path, out_dir: str | Path, run: ShapesRunConfig | None = None,

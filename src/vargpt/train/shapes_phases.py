@@ -1,32 +1,37 @@
 """The Shapes recipe's phase runners (``vargpt.train.shapes``): the run log, an SFT phase (``sft_phase``), a DPO
-round on sampled pairs (``dpo_round``) and the checkpoints a run writes (``save_run``)."""
+round on sampled pairs (``dpo_round``), the checkpoints a run writes (``save_run``) and the record of the phases
+done that lets an interrupted run go on (``RunProgress``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import time
 import zlib
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from vargpt.checkpoint import save_checkpoint
+from vargpt.checkpoint import load_model, save_checkpoint
 from vargpt.data.collate import DPOCollator, SFTCollator
 from vargpt.data.records import load_records
 from vargpt.engine import Engine
 from vargpt.eval.shapes import run_suite
-from vargpt.generation.params import ImageParams, save_sampling_defaults
+from vargpt.generation.params import ImageParams, load_sampling_defaults, save_sampling_defaults
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
-from vargpt.train.dpo import DPOStep, PairPrompt, build_pairs
+from vargpt.train.dpo import DPOStep, PairPrompt, build_pairs, disable_dropout
 from vargpt.train.latents import LatentCache
 from vargpt.train.loop import TrainConfig, train
 from vargpt.train.recipes import STAGES, Stage, apply_stage
 from vargpt.train.shapes_config import ShapesRunConfig
 from vargpt.train.shapes_data import batch_group
+from vargpt.train.state import capture_rng_state, restore_rng_state
 
 __all__ = ["LOW_RES", "FULL_RES", "run_log", "tail_mean", "set_schedule", "monitor_fn", "text_loss_step", "sft_phase",
-           "dpo_round", "save_run"]
+           "dpo_round", "save_run", "RunProgress", "RunStopped"]
 
 LOW_RES, FULL_RES = "first-3", "first-5"  # 32 px (1, 2, 4) and 64 px (1, 2, 4, 6, 8): the 8x tokenizer
 MONITOR_LIMIT = 4
@@ -133,3 +138,95 @@ def save_run(model: VARGPT, processor: Processor, path: Path, sampling: ImagePar
     processor.save(path)
     save_sampling_defaults(path, sampling)
     return path
+
+
+class RunStopped(Exception):
+    """Raised by ``RunProgress.done`` after the phase a run was asked to stop after (``run_shapes(stop_after=...)``)."""
+
+
+def _dropout_off(model: nn.Module) -> bool:
+    """Whether every dropout and drop-path rate of ``model`` is 0 (``disable_dropout``'s state; DPO rounds leave it)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p != 0.0:
+            return False
+        for attr in ("drop_path_rate", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float) and getattr(m, attr) != 0.0:
+                return False
+    return True
+
+
+class RunProgress:
+    """The phases of a run that are done, and what a run needs to go on after the last of them.
+
+    After each phase, ``done`` writes a snapshot ``DIR/resume/NN-PHASE/``: the whole model in our checkpoint format
+    (float32, as it trains), the sampling defaults chosen so far, the global RNG states (Python, numpy, torch) and,
+    last, ``state.json`` (the phases done, the seconds they took, whether dropout is off -- the DPO rounds turn it
+    off in place, outside the weights). A snapshot counts only with its ``state.json``; the one before is removed
+    once the new one is complete, so an interruption at any point leaves one whole snapshot.
+
+    ``restore`` loads the last snapshot; ``run_shapes(resume=True)`` rebuilds the data and the processor as the
+    first run did (both are functions of the seed), skips the phases done and runs the rest, computing what the
+    uninterrupted run computes (``tests/unit/test_shapes_resume.py``: the same final weights, bit for bit).
+
+    ``RunProgress(None)`` records nothing: every phase is pending and ``done`` only checks ``stop_after``.
+    """
+
+    def __init__(self, out: Path | None, stop_after: str | None = None) -> None:
+        self.out = out
+        self.stop_after = stop_after
+        self.phases: list[str] = []
+        self.seconds = 0.0
+        self._t0 = time.perf_counter()
+
+    @property
+    def root(self) -> Path | None:
+        return None if self.out is None else self.out / "resume"
+
+    def last_snapshot(self) -> Path | None:
+        """The newest complete snapshot (None: none)."""
+        if self.root is None or not self.root.is_dir():
+            return None
+        done = sorted(p for p in self.root.iterdir() if (p / "state.json").is_file())
+        return done[-1] if done else None
+
+    def pending(self, name: str) -> bool:
+        return name not in self.phases
+
+    def elapsed(self) -> float:
+        """Seconds of the run so far: this part's since this object was made, and the finished phases' of the parts
+        before (what an interrupted phase had run is lost)."""
+        return self.seconds + time.perf_counter() - self._t0
+
+    def done(self, name: str, model: VARGPT, sampling: ImageParams) -> None:
+        """Record phase ``name`` as done with ``model`` and ``sampling`` as they now are; raises ``RunStopped`` if
+        it is the phase to stop after."""
+        self.phases.append(name)
+        if self.root is not None:
+            snap = self.root / f"{len(self.phases):02d}-{name}"
+            if snap.exists():  # a leftover of an interrupted write
+                shutil.rmtree(snap)
+            save_checkpoint(model, snap)
+            save_sampling_defaults(snap, sampling)
+            torch.save(capture_rng_state(), snap / "rng.pt")
+            state = {"phases": self.phases, "seconds": self.elapsed(), "dropout_off": _dropout_off(model)}
+            (snap / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+            for old in self.root.iterdir():
+                if old != snap:
+                    shutil.rmtree(old)
+        if name == self.stop_after:
+            raise RunStopped(name)
+
+    def restore(self, device: str | torch.device = "cpu") -> tuple[VARGPT, ImageParams]:
+        """The model and the sampling defaults of the last snapshot, with the phases done, the time taken, the
+        dropout state and the global RNG states as they were after it."""
+        snap = self.last_snapshot()
+        if snap is None:
+            raise FileNotFoundError(f"{self.root}: no snapshot of a finished phase to resume from (none written, or "
+                                    "the run stopped in its first phase): start the run again without resuming")
+        state = json.loads((snap / "state.json").read_text())
+        self.phases, self.seconds = list(state["phases"]), float(state["seconds"])
+        model = load_model(snap, dtype=torch.float32, device=device)
+        if state["dropout_off"]:
+            disable_dropout(model)
+        restore_rng_state(torch.load(snap / "rng.pt", weights_only=True))
+        return model, load_sampling_defaults(snap)

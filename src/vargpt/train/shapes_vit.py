@@ -132,6 +132,7 @@ def pretrain_vit(model, processor, *, steps: int, batch_size: int = 64, lr: floa
         opt.step()
         sched.step()
         losses.append(loss.item())
+    opt.zero_grad(set_to_none=True)  # no last-step gradient left on the ViT (frozen from here on)
     visual.eval()
     return VitResult(losses, _val_exact(visual, head, processor, val_scenes))
 

@@ -308,5 +308,6 @@ def train_vae(vae: BSQVAE, images: Iterable, config: VAETrainConfig) -> list[dic
             log.warning("train_vae: the image iterator ran out after %d of %d steps", len(history), config.steps)
             break
     bar.close()
+    opt.zero_grad(set_to_none=True)  # no last-step gradient left on the VAE once it is trained (and frozen)
     vae.eval()
     return history
