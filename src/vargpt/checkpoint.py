@@ -89,11 +89,22 @@ def build_empty(cfg: VARGPTConfig) -> VARGPT:
         return VARGPT(cfg)
 
 
+def _own_memory(v: torch.Tensor) -> torch.Tensor:
+    """``v``, or a copy in memory of its own (64-byte aligned, as PyTorch allocates) where ``v`` is a CPU view at an
+    address that is not: a safetensors file's tensors are views into its buffer at the offsets of the file, and some
+    CPU kernels round differently on such memory, so a loaded model would not compute bit for bit what the model it
+    was saved from computes (measured: a DPO round run again from a loaded checkpoint drew one candidate image
+    differently, and identically with the copies; ``tests/unit/test_shapes_run.py``)."""
+    return v.clone() if v.device.type == "cpu" and v.data_ptr() % 64 else v
+
+
 def load_into(model: VARGPT, sd: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
               device: str | torch.device = "cpu") -> VARGPT:
-    """Strictly load ``sd`` into ``model`` (assigning tensors), cast floats to ``dtype``, move to ``device``."""
+    """Strictly load ``sd`` into ``model`` (assigning tensors), cast floats to ``dtype``, move to ``device``.
+    Tensors end in memory of their own, aligned as PyTorch allocates (``_own_memory``)."""
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    sd = {k: _own_memory(v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.to(device)
     if dtype is not None:
