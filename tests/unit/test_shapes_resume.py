@@ -64,6 +64,9 @@ def test_resume_errors_name_what_is_wrong(tmp_path) -> None:
     with pytest.raises(ShapesRunError, match=r"settings differ .*stage1_steps=5 \(the run's: 4\)"):
         run_shapes(tmp_path / "b", other, resume=True)
     runner = CliRunner()
+    r = runner.invoke(app, ["train", "stage2", "--out", str(tmp_path / "c"), "--data", "x.jsonl",
+                            "--stop-after", "vit"])
+    assert r.exit_code == 2 and "--stop-after is for the shapes recipe" in r.output
     r = runner.invoke(app, ["train", "shapes", "--out", str(tmp_path / "b"), "--quick"])
     assert r.exit_code == 2 and "or --resume latest to go on with the run in it" in r.output
     r = runner.invoke(app, ["train", "shapes", "--out", str(tmp_path / "b"), "--resume", "latest", "--quick"])
