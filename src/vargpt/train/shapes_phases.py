@@ -209,7 +209,9 @@ class RunProgress:
             save_sampling_defaults(snap, sampling)
             torch.save(capture_rng_state(), snap / "rng.pt")
             state = {"phases": self.phases, "seconds": self.elapsed(), "dropout_off": _dropout_off(model)}
-            (snap / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+            tmp = snap / "state.json.tmp"  # whole or absent: a cut-off write leaves no state.json
+            tmp.write_text(json.dumps(state, indent=1) + "\n")
+            tmp.replace(snap / "state.json")
             for old in self.root.iterdir():
                 if old != snap:
                     shutil.rmtree(old)
