@@ -294,7 +294,8 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None, *, resum
     cfg = dataclasses.replace(get_preset("shapes"), text_loss_reduction=run.text_loss_reduction)
     if run.vae_padding_mode is not None:
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, padding_mode=run.vae_padding_mode))
-    model = VARGPT(cfg).to(run.device)
+    # (a resumed run takes its model from the snapshot, after the processor, as the first run built it)
+    model = None if resume else VARGPT(cfg).to(run.device)
     texts = shapes_corpus(und + single + gen + edi + caps) if run.tokenizer == "bpe" else None
     processor = shapes_processor(cfg, system_turn=run.system_turn, texts=texts)
     sampling = SAMPLING_CANDIDATES[0]
