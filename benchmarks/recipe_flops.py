@@ -3,8 +3,9 @@ bound on the one command's time that no kernel, compiler or threading change can
 
 For each training phase, the matmul, convolution and attention FLOPs of one step as the recipe trains it (forward
 and backward under bf16 autocast, the stage's trainable set, the VAE features of the targets cached as in an SFT
-phase), counted with ``torch.utils.flop_counter`` on one batch per (task, length) group of the phase's records and
-weighted by the group's share of them (the loop draws each batch from one group). The phases and their record sets
+phase; the replies' phase without the decoder, as ``text_loss_step`` trains it), counted with
+``torch.utils.flop_counter`` on one batch per (task, length) group of the phase's records and weighted by the
+group's share of them (the loop draws each batch from one group). The phases and their record sets
 mirror ``vargpt.train.shapes._run_phases``; the model has random weights (the count depends on shapes only).
 Not counted (so the total is a lower bound): the ViT's pre-training, the four DPO rounds (sampling their candidates
 and their steps), the sampling choices and the monitors' evaluations, and every elementwise operation.
@@ -90,9 +91,8 @@ def sft_phases(run: ShapesRunConfig, d: ShapesData) -> list[Phase]:
 
 
 def _loss(model, batch, text_only: bool, cache: LatentCache):
-    if text_only:
-        return text_loss_step(model, batch)[0]
-    return cache.step_fn()(model, batch)[0]
+    """The phase's step loss as ``sft_phase`` computes it (the targets' features through ``cache``)."""
+    return (cache.step_fn(text_loss_step) if text_only else cache.step_fn())(model, batch)[0]
 
 
 def step_flops(model, collate, phase: Phase, run: ShapesRunConfig, gen: torch.Generator) -> float:
@@ -107,9 +107,8 @@ def step_flops(model, collate, phase: Phase, run: ShapesRunConfig, gen: torch.Ge
     for rs in groups.values():
         batch = collate([rs[i] for i in torch.randint(len(rs), (run.batch_size,), generator=gen).tolist()])
         cache = LatentCache()
-        if not phase.text_only:  # fill the cache first: a phase encodes each target once, on first sight
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                _loss(model, batch, False, cache)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a phase encodes a target on first sight
+            _loss(model, batch, phase.text_only, cache)
         counter = FlopCounterMode(display=False)
         with counter, torch.autocast("cpu", dtype=torch.bfloat16):
             _loss(model, batch, phase.text_only, cache).backward()

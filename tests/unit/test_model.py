@@ -306,3 +306,34 @@ def test_eager_attention_equals_sdpa_in_the_whole_model():
     assert g0.keys() == g1.keys() and any(n.startswith("backbone.") for n in g0)
     for n in g0:  # round-off of sums over many terms: relative to the tensor
         assert (g1[n] - g0[n]).abs().max() <= 1e-4 * g0[n].abs().max() + 1e-9, n
+
+
+def test_run_decoder_false_gives_the_text_loss_and_its_gradients_without_the_decoder():
+    """``run_decoder=False`` (the replies' phase, ``text_loss_step``): the same text logits, text loss and gradients
+    as the full forward's text loss, in training mode too (the bit flips of the slots' inputs draw as before), and
+    nothing of the decoder's blocks and head or of the output projector."""
+    from vargpt.train.shapes_phases import text_loss_step
+
+    model = tiny_model()
+    b = _gen_batch(model)
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        grads = []
+        for run_decoder in (True, False):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            out = model(**b, run_decoder=run_decoder)
+            out.text_loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            if run_decoder:
+                full = out
+        assert full.bit_loss is not None and out.bit_loss is None and out.gen_logits_NLV is None
+        assert torch.equal(out.text_logits_BTV, full.text_logits_BTV) and torch.equal(out.text_loss, full.text_loss)
+        assert torch.equal(out.loss, out.text_loss)
+        assert grads[0].keys() == grads[1].keys() and any(n.startswith("backbone.") for n in grads[0])
+        assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+        # (the decoder's input side -- word_embed, the start vector -- feeds the LLM's slots: it keeps its gradient)
+        assert not any(n.startswith(("decoder.blocks.", "decoder.head", "gen_proj_out.")) for n in grads[1])
+    torch.manual_seed(0)
+    loss, metrics = text_loss_step(model, b)
+    assert torch.equal(loss, full.text_loss) and list(metrics) == ["text_loss"]

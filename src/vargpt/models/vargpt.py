@@ -218,6 +218,7 @@ class VARGPT(nn.Module):
         flips=None,
         cond_drop_N: torch.Tensor | None = None,
         gen_latents: torch.Tensor | None = None,
+        run_decoder: bool = True,
     ) -> VARGPTOutput:
         """Logits and losses of a batch.
 
@@ -236,6 +237,9 @@ class VARGPT(nn.Module):
             gen_latents: (N, d, H/ds, W/ds) the targets' VAE features, ``self.vae.encode(gen_pixel_values)``, given
                 instead of ``gen_pixel_values`` (e.g. encoded once for targets seen many times while the VAE is
                 frozen, ``vargpt.train.latents.LatentCache``).
+            run_decoder: False = the LLM alone: the targets still feed the ``<|image_gen_pad|>`` slots, but the
+                decoder does not run (no ``gen_logits_NLV``, ``bit_loss`` None, ``loss`` = the text loss), e.g. to
+                train the LLM on the text of records with images to draw while the decoder is frozen.
         """
         cfg = self.config
         st = cfg.special_tokens
@@ -258,7 +262,7 @@ class VARGPT(nn.Module):
 
         out = VARGPTOutput(loss=None, text_loss=None, bit_loss=None, text_logits_BTV=text_logits_BTV,
                            hidden_BTC=hidden_BTC)
-        if gen is not None:
+        if gen is not None and run_decoder:
             N, P, L = gen["z_NPC"].shape[0], gen["z_NPC"].shape[1], gen["L"]
             slot_hidden = hidden_BTC[input_ids == st.image_gen_pad].view(N, P, -1)[:, :L]
             g_NLC = self.gen_proj_out(slot_hidden)

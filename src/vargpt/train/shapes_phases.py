@@ -68,18 +68,17 @@ def monitor_fn(processor, suite: str, out: Path, name: str, limit: int | None = 
 
 
 def text_loss_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """``step_fn`` training on the answers' text alone (``VARGPT.forward``'s ``text_loss``; the bit loss is a metric
-    and sends no gradient)."""
-    out = model(**batch)
-    metrics = {k: getattr(out, k) for k in ("text_loss", "bit_loss") if getattr(out, k, None) is not None}
-    return out.text_loss, metrics
+    """``step_fn`` training on the answers' text alone: ``VARGPT.forward``'s ``text_loss`` with the decoder not run
+    (``run_decoder=False``; its bit loss would send no gradient here)."""
+    out = model(**batch, run_decoder=False)
+    return out.text_loss, {"text_loss": out.text_loss}
 
 
 def sft_phase(model, processor, records, stage: Stage, steps: int, run: ShapesRunConfig, out: Path, name: str,
               lr: float | None = None, monitor: str | None = None, sampling: ImageParams | None = None,
               module_lr: dict[str, float] | None = None, step_fn=None) -> list[float]:
-    """An SFT phase; ``step_fn`` (None: the loop's default, through the latent cache with ``run.cache_latents``)
-    replaces the training step as given (the replies' phase: ``text_loss_step``)."""
+    """An SFT phase; ``step_fn`` (None: the loop's default; the replies' phase: ``text_loss_step``) is the training
+    step, given the targets' VAE features from a latent cache with ``run.cache_latents``."""
     apply_stage(model, stage)
     gen = torch.Generator().manual_seed(run.seed + zlib.crc32(name.encode()) % 1000)
     collate = SFTCollator(model.config, processor, generator=gen, prompt_drop_rate=run.prompt_drop_rate)
@@ -93,8 +92,8 @@ def sft_phase(model, processor, records, stage: Stage, steps: int, run: ShapesRu
     keys = [batch_group(r) if run.length_groups else r.task for r in records]
     index = {k: i for i, k in enumerate(sorted(set(keys)))}
     # the VAE is frozen after the tokenizer phase: each target is encoded once per phase (the same features)
-    if step_fn is None and run.cache_latents:
-        step_fn = LatentCache().step_fn()
+    if run.cache_latents:
+        step_fn = LatentCache().step_fn() if step_fn is None else LatentCache().step_fn(step_fn)
     result = train(model, records, collate, cfg, step_fn=step_fn, eval_fn=eval_fn,
                    group_ids=[index[k] for k in keys])
     return result.losses
