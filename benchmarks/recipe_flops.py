@@ -14,7 +14,7 @@ The peak: bf16 matmuls at the shapes of the steps' largest layers (the MLPs of t
 batch's tokens), best of ``--repeats``, on as many threads as the recipe uses. The achieved rate: ``--timed-steps``
 real steps of the editing SFT's mix (forward, backward, AdamW), in the same process.
 
-    python benchmarks/recipe_flops.py                              # about 5 min on the 2-core CPU (renders the split)
+    python benchmarks/recipe_flops.py                              # renders the default split first (about 1 min)
     python benchmarks/recipe_flops.py --data runs/shapes41/data    # a split rendered by an earlier run
 """
 
