@@ -95,14 +95,21 @@ def _loss(model, batch, text_only: bool, cache: LatentCache):
     return (cache.step_fn(text_loss_step) if text_only else cache.step_fn())(model, batch)[0]
 
 
-def step_flops(model, collate, phase: Phase, run: ShapesRunConfig, gen: torch.Generator) -> float:
-    """The mean FLOPs of one of ``phase``'s steps (one batch per group, weighted by the group's records)."""
+def _prepare(model, phase: Phase, run: ShapesRunConfig) -> dict:
+    """Set ``model`` up as ``sft_phase`` does for ``phase`` (stage, schedule, training mode); its records by batch
+    group, as the loop draws them."""
     apply_stage(model, SHAPES_STAGES[phase.stage])
     set_schedule(model, phase.schedule)
     model.train()
     groups = collections.defaultdict(list)
     for r in phase.records:
         groups[batch_group(r) if run.length_groups else r.task].append(r)
+    return groups
+
+
+def step_flops(model, collate, phase: Phase, run: ShapesRunConfig, gen: torch.Generator) -> float:
+    """The mean FLOPs of one of ``phase``'s steps (one batch per group, weighted by the group's records)."""
+    groups = _prepare(model, phase, run)
     total = 0.0
     for rs in groups.values():
         batch = collate([rs[i] for i in torch.randint(len(rs), (run.batch_size,), generator=gen).tolist()])
@@ -152,12 +159,7 @@ def matmul_peak(shapes: list[tuple[int, int, int]], repeats: int) -> dict[tuple[
 def timed_steps(model, collate, phase: Phase, run: ShapesRunConfig, n: int, gen: torch.Generator) -> float:
     """Median seconds of ``n`` real steps (forward, backward, AdamW) of ``phase``, batches drawn as the loop does
     (a group by its share of the records, then a batch from it), after one untimed step."""
-    apply_stage(model, SHAPES_STAGES[phase.stage])
-    set_schedule(model, phase.schedule)
-    model.train()
-    groups = collections.defaultdict(list)
-    for r in phase.records:
-        groups[batch_group(r) if run.length_groups else r.task].append(r)
+    groups = _prepare(model, phase, run)
     keys = list(groups)
     weights = torch.tensor([len(groups[k]) for k in keys], dtype=torch.float)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)

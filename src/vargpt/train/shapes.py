@@ -61,9 +61,9 @@ from vargpt.checkpoint import load_model
 from vargpt.config import get_preset
 from vargpt.data.records import load_records
 from vargpt.data.shapes import GEN_CATEGORIES, sample_gen_prompt
-from vargpt.data.shapes.tasks import SplitPaths, build_split, eval_scenes
+from vargpt.data.shapes.tasks import eval_scenes
 from vargpt.engine import Engine
-from vargpt.eval.shapes import EVAL_SEED, editing_items, generation_items, run_suite, understanding_items
+from vargpt.eval.shapes import EVAL_SEED, editing_items, generation_items, run_suite
 from vargpt.generation.params import OFFICIAL_SAMPLING, ImageParams, load_sampling_defaults
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing.processor import Processor
@@ -76,11 +76,13 @@ from vargpt.train.shapes_data import (
     SHAPES_CHAT_TEMPLATE,
     SHAPES_IMAGE_MEAN,
     SHAPES_IMAGE_STD,
+    ShapesData,
     batch_group,
     copy_records,
     describe_records,
     editing_mix,
     question_kind,
+    render_split,
     shapes_corpus,
     shapes_processor,
 )
@@ -111,11 +113,11 @@ from vargpt.train.vae import VAETrainConfig, train_vae
 
 __all__ = ["ShapesRunConfig", "SHAPES_STAGES", "SAMPLING_CANDIDATES", "VALIDATION_SEED", "shapes_reward",
            "shapes_teacher", "caption_reward", "caption_teacher", "caption_prompts", "run_shapes", "run_phases",
-           "ShapesRunError", "rerun_editing", "ShapesData", "render_split",
+           "ShapesRunError", "rerun_editing",
            # re-exported from ``vargpt.train.shapes_data``
            "SHAPES_IMAGE_MEAN", "SHAPES_IMAGE_STD", "SHAPES_CHAT_TEMPLATE", "GROUP_CHARS", "COPY_INSTRUCTION",
-           "COPY_REPLY", "batch_group", "copy_records", "describe_records", "question_kind", "shapes_corpus",
-           "shapes_processor"]
+           "COPY_REPLY", "ShapesData", "batch_group", "copy_records", "describe_records", "question_kind",
+           "render_split", "shapes_corpus", "shapes_processor"]
 
 #: The seed of each DPO round (its prompts and its candidates' sampling seeds derive from it).
 DPO_ROUND_SEEDS = {"stage3b": 101, "stage3d": 303, "edit_dpo": 505, "edit_dpo_edits": 707}
@@ -233,44 +235,6 @@ def run_phases(run: ShapesRunConfig) -> list[str]:
     curriculum = [f"stage2_{'+'.join(ks)}" for ks, _ in run.curriculum()] if run.stage2_curriculum else []
     return ["tokenizer", "vit", "stage1", "stage2_warmup", *curriculum, "stage2", "stage3a", "stage3b",
             "stage3c_frozen", "stage3c", "stage3d", "edit", "reply", "edit_dpo", "edit_dpo_edits", "final"]
-
-
-@dataclasses.dataclass
-class ShapesData:
-    """A run's training split, as ``render_split`` renders it: ``split`` (``build_split``'s paths), the held-out
-    scenes it excludes, and its records read back (``desc``: the describe records of ``caps``)."""
-
-    split: SplitPaths
-    held_out: list
-    und: list
-    single: list
-    gen: list
-    edi: list
-    caps: list
-    desc: list
-
-
-def render_split(run: ShapesRunConfig, data_dir: Path) -> ShapesData:
-    """Render ``run``'s training split into ``data_dir`` (the same records on every call: a resumed run renders it
-    again), the scenes of the held-out suites excluded."""
-    suite_edits = editing_items()
-    held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in suite_edits]
-    held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
-    # no caption record of an edited scene of the suite: it would show the decoder an answer (run 22 excluded these
-    # from the whole split, which changed its other records from run 21's)
-    split = build_split(data_dir, seed=run.seed + 1, n_understanding=run.n_understanding,
-                        n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
-                        n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories(),
-                        multi_object_kinds=run.multi_object_questions, n_vertical=run.n_vertical,
-                        edit_reply=run.edit_reply, n_captions=run.n_captions,
-                        exclude_captions=[it["target"] for it in suite_edits])
-    und = load_records(split.understanding).records
-    single = load_records(split.understanding_single).records if split.understanding_single else []
-    gen = load_records(split.generation).records
-    edi = load_records(split.editing).records
-    caps = load_records(split.captions).records if split.captions else []
-    desc = describe_records(caps, run.n_describe)
-    return ShapesData(split, held_out, und, single, gen, edi, caps, desc)
 
 
 def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None, *, resume: bool = False,

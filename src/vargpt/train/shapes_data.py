@@ -3,18 +3,22 @@ tokenizer's corpus, question kinds, batch groups and the copy records (``vargpt.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
-from vargpt.data.records import Message, SFTRecord
+from vargpt.data.records import Message, SFTRecord, load_records
 from vargpt.data.shapes.grammar import DESCRIBE_QUESTION, key_caption, parse_caption, parse_cell_plan, parse_question
-from vargpt.data.shapes.tasks import EDIT_PLAN_REPLY
+from vargpt.data.shapes.tasks import EDIT_PLAN_REPLY, SplitPaths, build_split, eval_scenes
+from vargpt.eval.shapes import EVAL_SEED, editing_items, understanding_items
 from vargpt.processing.chat import DEFAULT_SYSTEM
 from vargpt.processing.processor import Processor
 from vargpt.processing.tokenizer import bpe_tokenizer, char_tokenizer
+from vargpt.train.shapes_config import ShapesRunConfig
 
 __all__ = ["SHAPES_IMAGE_MEAN", "SHAPES_IMAGE_STD", "SHAPES_CHAT_TEMPLATE", "GROUP_CHARS", "COPY_INSTRUCTION",
            "COPY_REPLY", "shapes_processor", "shapes_corpus", "question_kind", "batch_group", "copy_records",
-           "describe_records"]
+           "describe_records", "editing_mix", "ShapesData", "render_split"]
 
 
 #: The ViT's input normalisation for Shapes images: the white background maps to 0 in every channel. With Qwen2-VL's
@@ -129,3 +133,41 @@ def editing_mix(edits: Sequence[SFTRecord], captions: Sequence[SFTRecord], gener
     gen = [generation[i % len(generation)] for i in range(len(edits))] if generation else []
     mix = list(edits) + list(captions) + gen
     return mix + list(questions[: len(edits)]) + list(describe) if with_questions else mix
+
+
+@dataclasses.dataclass
+class ShapesData:
+    """A run's training split, as ``render_split`` renders it: ``split`` (``build_split``'s paths), the held-out
+    scenes it excludes, and its records read back (``desc``: the describe records of ``caps``)."""
+
+    split: SplitPaths
+    held_out: list
+    und: list
+    single: list
+    gen: list
+    edi: list
+    caps: list
+    desc: list
+
+
+def render_split(run: ShapesRunConfig, data_dir: Path) -> ShapesData:
+    """Render ``run``'s training split into ``data_dir`` (the same records on every call: a resumed run renders it
+    again), the scenes of the held-out suites excluded."""
+    suite_edits = editing_items()
+    held_out = [it["scene"] for it in understanding_items()] + [it["scene"] for it in suite_edits]
+    held_out += eval_scenes(EVAL_SEED, 10)  # belt and braces
+    # no caption record of an edited scene of the suite: it would show the decoder an answer (run 22 excluded these
+    # from the whole split, which changed its other records from run 21's)
+    split = build_split(data_dir, seed=run.seed + 1, n_understanding=run.n_understanding,
+                        n_generation=run.n_generation, n_editing=run.n_editing, exclude=held_out,
+                        n_single=run.n_single, gen_layout=run.gen_layout, gen_categories=run.gen_categories(),
+                        multi_object_kinds=run.multi_object_questions, n_vertical=run.n_vertical,
+                        edit_reply=run.edit_reply, n_captions=run.n_captions,
+                        exclude_captions=[it["target"] for it in suite_edits])
+    und = load_records(split.understanding).records
+    single = load_records(split.understanding_single).records if split.understanding_single else []
+    gen = load_records(split.generation).records
+    edi = load_records(split.editing).records
+    caps = load_records(split.captions).records if split.captions else []
+    desc = describe_records(caps, run.n_describe)
+    return ShapesData(split, held_out, und, single, gen, edi, caps, desc)
