@@ -12,10 +12,12 @@ and their steps), the sampling choices and the monitors' evaluations, and every 
 
 The peak: bf16 matmuls at the shapes of the steps' largest layers (the MLPs of the LLM and the decoder over a
 batch's tokens), best of ``--repeats``, on as many threads as the recipe uses. The achieved rate: ``--timed-steps``
-real steps of the editing SFT's mix (forward, backward, AdamW), in the same process.
+real steps of the editing SFT's mix (forward, backward, AdamW), in the same process. With ``--profile``, where
+those steps' time goes by kind of operator, and the rate their matmuls reach.
 
     python benchmarks/recipe_flops.py                              # renders the default split first (about 1 min)
     python benchmarks/recipe_flops.py --data runs/shapes41/data    # a split rendered by an earlier run
+    python benchmarks/recipe_flops.py --data runs/shapes41/data --profile
 """
 
 from __future__ import annotations
@@ -156,27 +158,56 @@ def matmul_peak(shapes: list[tuple[int, int, int]], repeats: int) -> dict[tuple[
     return best
 
 
-def timed_steps(model, collate, phase: Phase, run: ShapesRunConfig, n: int, gen: torch.Generator) -> float:
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mkldnn_convolution",
+              "aten::convolution_backward")
+CAST_OPS = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::empty_strided")
+
+
+def timed_steps(model, collate, phase: Phase, run: ShapesRunConfig, n: int, gen: torch.Generator,
+                profile: bool = False) -> tuple[float, dict[str, float]]:
     """Median seconds of ``n`` real steps (forward, backward, AdamW) of ``phase``, batches drawn as the loop does
-    (a group by its share of the records, then a batch from it), after one untimed step."""
+    (a group by its share of the records, then a batch from it), after one untimed step; with ``profile``, also
+    the mean seconds a step spends in each kind of ``aten`` operator (``torch.profiler``'s self CPU time, over
+    ``n`` more steps on the same batches): matmuls and convolutions, casts and copies (autocast's), every other
+    operator (elementwise, norms, softmax, indexing, the optimizer's arithmetic); and the optimizer's update
+    alone (its operators are in the kinds too)."""
     groups = _prepare(model, phase, run)
     keys = list(groups)
     weights = torch.tensor([len(groups[k]) for k in keys], dtype=torch.float)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     cache = LatentCache()
-    times = []
-    for i in range(n + 1):
+    batches = []
+    for _ in range(n + 1):
         rs = groups[keys[int(torch.multinomial(weights, 1, generator=gen))]]
-        batch = collate([rs[j] for j in torch.randint(len(rs), (run.batch_size,), generator=gen).tolist()])
-        t = time.perf_counter()
+        batches.append(collate([rs[j] for j in torch.randint(len(rs), (run.batch_size,), generator=gen).tolist()]))
+
+    def step(batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = _loss(model, batch, phase.text_only, cache)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i, batch in enumerate(batches):
+        t = time.perf_counter()
+        step(batch)
         if i:
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    kinds: dict[str, float] = {}
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for batch in batches[1:]:
+                step(batch)
+        for e in prof.key_averages():
+            if e.key == "optimizer":  # a range: its operators are counted in the kinds too
+                kinds["optimizer update (all its operators)"] = e.cpu_time_total / 1e6 / n
+            elif e.key.startswith("aten::"):
+                kind = ("matmuls and convolutions" if e.key in MATMUL_OPS
+                        else "casts and copies" if e.key in CAST_OPS else "other operators")
+                kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6 / n
+    return statistics.median(times), kinds
 
 
 def main() -> None:
@@ -185,6 +216,8 @@ def main() -> None:
                     "default recipe's split into a temporary folder)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the matmul peak")
     ap.add_argument("--timed-steps", type=int, default=8, help="real editing-SFT steps timed for the achieved rate")
+    ap.add_argument("--profile", action="store_true", help="also profile the timed steps: their time by kind of "
+                    "operator, and the rate the matmuls reach")
     ap.add_argument("--out", default=None, help="also write the table here (markdown)")
     args = ap.parse_args()
 
@@ -215,7 +248,7 @@ def main() -> None:
         rows += [(p.name, p.steps, step_flops(model, collate, p, run, gen)) for p in phases if p.steps]
         edit = next(p for p in phases if p.name == "edit")
         edit_flops = next(f for name, _, f in rows if name == "edit")
-        step_s = timed_steps(model, collate, edit, run, args.timed_steps, gen)
+        step_s, kinds = timed_steps(model, collate, edit, run, args.timed_steps, gen, args.profile)
 
     tokens = run.batch_size * 190  # a generation or edit batch: 16 rows of about 190 tokens (121 image slots)
     peaks = matmul_peak([(tokens, cfg.text.hidden_size, cfg.text.intermediate_size),
@@ -226,12 +259,23 @@ def main() -> None:
     total = sum(steps * f for _, steps, f in rows)
     lines = [f"threads {torch.get_num_threads()}; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (best of "
              + ", ".join(f"{m}x{k}x{n} {r / 1e9:.0f}" for (m, k, n), r in peaks.items()) + ")",
-             f"editing SFT step: {edit_flops / 1e9:.1f} GFLOP in {step_s:.3f} s (median of {args.timed_steps}) = "
+             f"editing SFT step: {edit_flops / 1e9:.1f} GFLOP in {step_s:.3f} s (median of {args.timed_steps}, "
+             f"the targets encoded on first sight) = "
              f"{edit_flops / step_s / 1e9:.0f} GFLOP/s, {edit_flops / step_s / peak:.0%} of the peak", "",
              "| phase | steps | GFLOP / step | TFLOP | min at the peak |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {steps} | {f / 1e9:.1f} | {steps * f / 1e12:.1f} | {steps * f / peak / 60:.1f} |"
               for name, steps, f in rows]
     lines.append(f"| **counted phases** | | | **{total / 1e12:.0f}** | **{total / peak / 60:.0f}** |")
+    if kinds:
+        ops = sum(v for k, v in kinds.items() if not k.startswith("optimizer"))
+        mm = kinds.get("matmuls and convolutions", 0.0)
+        lines += ["", f"editing SFT step, profiled ({args.timed_steps} steps, the same batches again, so their "
+                  f"targets' features come from the cache; self CPU time of the aten operators {ops:.3f} s a step):",
+                  "", "| kind | s / step | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {v / ops:.0%} |" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+        lines += ["", f"the matmuls and convolutions run at {edit_flops / mm / 1e9:.0f} GFLOP/s "
+                  f"({edit_flops / mm / peak:.0%} of the peak); at that rate the counted phases' arithmetic alone "
+                  f"takes {total * mm / edit_flops / 60:.0f} min"]
     table = "\n".join(lines)
     print(table)
     if args.out:
