@@ -216,12 +216,13 @@ def main() -> None:
                     "default recipe's split into a temporary folder)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the matmul peak")
     ap.add_argument("--timed-steps", type=int, default=8, help="real editing-SFT steps timed for the achieved rate")
+    ap.add_argument("--preset", default="shapes", help="the model's preset (ShapesRunConfig.preset)")
     ap.add_argument("--profile", action="store_true", help="also profile the timed steps: their time by kind of "
                     "operator, and the rate the matmuls reach")
     ap.add_argument("--out", default=None, help="also write the table here (markdown)")
     args = ap.parse_args()
 
-    run = ShapesRunConfig()
+    run = ShapesRunConfig(preset=args.preset)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
             d = Path(args.data)
@@ -231,7 +232,7 @@ def main() -> None:
                               load("editing"), caps, describe_records(caps, run.n_describe))
         else:
             data = render_split(run, Path(tmp) / "data")
-        cfg = dataclasses.replace(get_preset("shapes"), text_loss_reduction=run.text_loss_reduction)
+        cfg = dataclasses.replace(get_preset(run.preset), text_loss_reduction=run.text_loss_reduction)
         processor = shapes_processor(cfg, system_turn=run.system_turn,
                                      texts=shapes_corpus(data.und + data.single + data.gen + data.edi + data.caps)
                                      if run.tokenizer == "bpe" else None)

@@ -384,6 +384,19 @@ def _shapes() -> VARGPTConfig:
     )
 
 
+def _shapes_small() -> VARGPTConfig:
+    # the ``shapes`` preset at half the width of the LLM (128, 2 heads of 64, one KV head) and of the decoder (128, one
+    # head of 128), the ViT and the tokenizer unchanged: an editing-SFT step of the default recipe 28 against 100
+    # GFLOP and about 0.38x the time on this CPU (BENCHMARKS.md). An experiment toward a 90-minute recipe (EVAL.md
+    # "Run 42"), not the shipped model's preset
+    base = _shapes()
+    return dataclasses.replace(
+        base,
+        text=dataclasses.replace(base.text, hidden_size=128, intermediate_size=384, num_heads=2, num_kv_heads=1),
+        decoder=dataclasses.replace(base.decoder, width=128, num_heads=1, memory_dim=128),
+    )
+
+
 def _base_100m() -> VARGPTConfig:
     return VARGPTConfig(
         vision=VisionConfig(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
@@ -401,7 +414,8 @@ def _vargpt_v1_1() -> VARGPTConfig:
     return VARGPTConfig()
 
 
-PRESETS: dict[str, Any] = {"tiny": _tiny, "shapes": _shapes, "base-100m": _base_100m, "vargpt-v1.1": _vargpt_v1_1}
+PRESETS: dict[str, Any] = {"tiny": _tiny, "shapes": _shapes, "shapes-small": _shapes_small, "base-100m": _base_100m,
+                           "vargpt-v1.1": _vargpt_v1_1}
 
 
 def get_preset(name: str) -> VARGPTConfig:

@@ -73,11 +73,26 @@ def test_quick_shapes_run_end_to_end(tmp_path) -> None:
     ("stage1_steps=five", "--set stage1_steps: expected int, got 'five'"),
     ("stage2_curriculum=colour:5", "stage2_curriculum[0]='colour:5': unknown question kind"),
     ("stage1_steps", "expected KEY=VALUE"),
+    ("preset=tiny", "ShapesRunConfig.preset='tiny': expected one of ('shapes', 'shapes-small')"),
 ])
 def test_shapes_set_errors_name_the_item_and_what_was_expected(tmp_path, item, message) -> None:
     r = CliRunner().invoke(app, ["train", "shapes", "--out", str(tmp_path / "run"), "--set", item])
     assert r.exit_code == 2 and message in r.output, r.output
     assert not (tmp_path / "run").exists()  # nothing is written before the settings are checked
+
+
+def test_the_run_trains_the_model_of_its_preset(tmp_path) -> None:
+    from vargpt.config import VARGPTConfig, get_preset
+    from vargpt.train.shapes import ShapesRunConfig, run_shapes
+
+    run = dataclasses.replace(ShapesRunConfig.quick(), preset="shapes-small")
+    assert run_shapes(tmp_path / "run", run, stop_after="stage1") is None
+    (snapshot,) = (tmp_path / "run" / "resume").iterdir()
+    cfg = VARGPTConfig.load(snapshot / "config.json")
+    small, shapes = get_preset("shapes-small"), get_preset("shapes")
+    assert (cfg.text.hidden_size, cfg.text.intermediate_size, cfg.decoder.width) == (128, 384, 128)
+    assert (cfg.text, cfg.decoder, cfg.vae, cfg.vision) == (small.text, small.decoder, shapes.vae, shapes.vision)
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["preset"] == "shapes-small"
 
 
 def test_fast_recipe_keeps_every_phase_with_fewer_steps(tmp_path) -> None:

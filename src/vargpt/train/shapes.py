@@ -279,7 +279,7 @@ def run_shapes(out_dir: str | Path, run: ShapesRunConfig | None = None, *, resum
             f"{len(edi)} editing, {len(caps)} caption records (edit replies: {run.edit_reply}), {len(desc)} "
             f"describe records of the caption images ({len(desc[:run.stage2_describe])} in stage 2)")
 
-    cfg = dataclasses.replace(get_preset("shapes"), text_loss_reduction=run.text_loss_reduction)
+    cfg = dataclasses.replace(get_preset(run.preset), text_loss_reduction=run.text_loss_reduction)
     if run.vae_padding_mode is not None:
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, padding_mode=run.vae_padding_mode))
     # (a resumed run takes its model from the snapshot, after the processor, as the first run built it)

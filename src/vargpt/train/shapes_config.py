@@ -21,6 +21,8 @@ from vargpt.data.shapes import GEN_CATEGORIES
 from vargpt.data.shapes.grammar import LAYOUTS, MULTI_OBJECT_CATEGORIES, check_question_kinds
 from vargpt.data.shapes.tasks import EDIT_REPLY_MODES
 
+SHAPES_PRESETS = ("shapes", "shapes-small")
+
 __all__ = ["ShapesRunConfig", "LLM_MODULES"]
 
 #: the LLM's parameters (``ShapesRunConfig.llm_lr``): the decoder-only transformer with its embeddings, and the head
@@ -308,8 +310,14 @@ class ShapesRunConfig:
     # long, no gain measured above the noise in the recipe's loop, BENCHMARKS.md); False: runs 1-17
     cache_latents: bool = True
     device: str = "cpu"  # where the model trains and samples ("cuda" on a GPU machine; the recipe is sized for CPU)
+    # the model's preset (``vargpt.config.PRESETS``): "shapes" (every run up to 41, the shipped model) or
+    # "shapes-small" (half the width of the LLM and the decoder: an experiment toward a 90-minute recipe, run 42)
+    preset: str = "shapes"
 
     def __post_init__(self) -> None:
+        if self.preset not in SHAPES_PRESETS:
+            raise ValueError(f"ShapesRunConfig.preset={self.preset!r}: expected one of {SHAPES_PRESETS} (the presets "
+                             "sized for the Shapes world's 64 px images and 384 text ids)")
         if self.tokenizer not in ("bpe", "char"):
             raise ValueError(f"ShapesRunConfig.tokenizer={self.tokenizer!r}: expected 'bpe' or 'char'")
         if self.gen_layout not in LAYOUTS:
