@@ -387,8 +387,8 @@ def _shapes() -> VARGPTConfig:
 def _shapes_small() -> VARGPTConfig:
     # the ``shapes`` preset at half the width of the LLM (128, 2 heads of 64, one KV head) and of the decoder (128, one
     # head of 128), the ViT and the tokenizer unchanged: an editing-SFT step of the default recipe 28 against 100
-    # GFLOP and about 0.38x the time on this CPU (BENCHMARKS.md). An experiment toward a 90-minute recipe (run 42,
-    # not run yet), not the shipped model's preset
+    # GFLOP and about 0.38x the time on this CPU (one measurement, random weights). An experiment toward a
+    # 90-minute recipe (run 42, not run yet), not the shipped model's preset
     base = _shapes()
     return dataclasses.replace(
         base,
